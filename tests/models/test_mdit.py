@@ -1,0 +1,384 @@
+"""MDiTTransformer2DModel: structure, conditioning, initialisation, serialisation, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_mdit import MDiTTransformer2DModel, list_presets
+from diffusers_mdit.models.embeddings import fourier_features, reduce_gradient_flow
+from diffusers_mdit.models.layers import merge_tokens, split_tokens
+from diffusers_mdit.profiling import count_parameters, forward_flops, preset_cost
+
+# Tiny widths for any layout: 2 heads of 32 outside, 4 in the core.
+TINY_WIDTHS = dict(outer_dim=64, core_dim=128, attention_head_dim=32)
+
+
+def tiny(**overrides) -> MDiTTransformer2DModel:
+    config = dict(
+        sample_size=8,
+        in_channels=4,
+        num_outer_in_blocks=1,
+        num_outer_out_blocks=2,
+        num_alternating_blocks=2,
+        num_core_blocks=1,
+        outer_kernel_size=3,
+        core_kernel_size=3,
+        **TINY_WIDTHS,
+    )
+    config.update(overrides)
+    return MDiTTransformer2DModel(**config)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values so outputs are non-zero and every path matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1 + (p == 1).float())
+    return model
+
+
+def inputs(batch=2, channels=4, height=8, width=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, height, width, generator=generator), torch.tensor(
+        [3.0, 700.0][:batch]
+    )
+
+
+# -- shapes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_layout_runs_with_tiny_widths(preset):
+    model = MDiTTransformer2DModel.from_preset(preset, num_classes=10, **TINY_WIDTHS)
+    x, t = inputs(height=8, width=8)
+    out = model(x, t, class_labels=torch.tensor([1, 10])).sample
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["unconditional", "class", "text", "class+text", "aux", "learned_variance"],
+)
+@pytest.mark.parametrize("layout", [(1, 2, 2, 1), (0, 0, 0, 2), (0, 1, 0, 1)])
+def test_conditioning_modes_and_layouts(mode, layout):
+    m, n, k, l = layout
+    overrides = dict(
+        num_outer_in_blocks=m, num_outer_out_blocks=n, num_alternating_blocks=k, num_core_blocks=l
+    )
+    kwargs = {}
+    if "class" in mode:
+        overrides["num_classes"] = 5
+        kwargs["class_labels"] = torch.tensor([0, 4])
+    if "text" in mode:
+        overrides["cross_attention_dim"] = 48
+        kwargs["encoder_hidden_states"] = torch.randn(2, 6, 48)
+        kwargs["encoder_attention_mask"] = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    if mode == "aux":
+        overrides["use_aux_conditions"] = True
+        kwargs.update(image_scale=torch.tensor([0.5, 1.0]), aspect_ratio=torch.tensor([1.0, 0.0]))
+    if mode == "learned_variance":
+        overrides["out_channels"] = 8
+    model = randomize(tiny(**overrides))
+    x, t = inputs()
+    out = model(x, t, **kwargs).sample
+    assert out.shape == (2, overrides.get("out_channels", 4), 8, 8)
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+
+
+def test_non_square_inputs_and_scalar_timestep():
+    model = randomize(tiny())
+    x = torch.randn(1, 4, 8, 20)
+    assert model(x, 10).sample.shape == (1, 4, 8, 20)
+    assert model(torch.randn(1, 4, 12, 4), torch.tensor(10.0)).sample.shape == (1, 4, 12, 4)
+
+
+def test_return_dict_false_returns_tuple():
+    model = tiny()
+    x, t = inputs()
+    (out,) = model(x, t, return_dict=False)
+    assert out.shape == x.shape
+
+
+# -- initialisation (G.3) -----------------------------------------------------------------------
+
+
+def test_fresh_model_outputs_exactly_zero_and_init_follows_g3():
+    model = tiny(num_classes=3, cross_attention_dim=16)
+    x, t = inputs()
+    out = model(x, t, class_labels=torch.tensor([0, 1]), encoder_hidden_states=torch.randn(2, 2, 16))
+    assert torch.equal(out.sample, torch.zeros_like(x))
+    for name, p in model.named_parameters():
+        # The mapping network is not a residual branch: zeroing it would leave W_t without gradient.
+        zero = not name.startswith("condition_embedding") and any(
+            key in name
+            for key in ("to_out", "ff.net.2", "norm1.linear", "norm2.linear", "core_unpatch.proj", "proj_out")
+        )
+        if zero:
+            assert torch.all(p == 0), name
+        elif p.ndim == 2:
+            assert p.abs().max() <= 0.04, name
+            if p.numel() > 1000:  # std of N(0, 0.02) truncated at 2 sigma: 0.0176
+                assert 0.016 < p.std() < 0.019, name
+
+
+# -- serialisation, checkpointing, PEFT ---------------------------------------------------------
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    model = randomize(tiny(num_classes=5, use_aux_conditions=True)).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = MDiTTransformer2DModel.from_pretrained(tmp_path).eval()
+    x, t = inputs()
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, class_labels=labels).sample, loaded(x, t, class_labels=labels).sample)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_gradient_checkpointing_gives_same_outputs_and_gradients():
+    model = randomize(tiny(num_classes=5))
+    x, t = inputs()
+    labels = torch.tensor([1, 2])
+
+    def run():
+        model.zero_grad()
+        out = model(x, t, class_labels=labels).sample
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out_plain, grads_plain = run()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    out_ckpt, grads_ckpt = run()
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=1e-6)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_adapter_targets_attention_and_feed_forward():
+    from peft import LoraConfig
+
+    model = tiny(num_classes=3)
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out", "proj"]))
+    names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert any("aggregate_blocks.0.attn.to_q" in n for n in names)
+    assert any("core_blocks.0.ff.net.0.proj" in n for n in names)
+
+
+# -- attention variants ---------------------------------------------------------------------------
+
+
+def test_core_neighborhood_attention_with_covering_kernel_equals_global():
+    model = randomize(tiny(num_classes=3)).eval()
+    x, t = inputs(height=8, width=12)
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        global_out = model(x, t, class_labels=labels).sample
+        model.set_core_attention("neighborhood", kernel_size=7)  # core grid is 4x6
+        assert model.config.core_attention_type == "neighborhood"
+        covering = model(x, t, class_labels=labels).sample
+        model.set_core_attention("neighborhood", kernel_size=3)
+        local = model(x, t, class_labels=labels).sample
+    torch.testing.assert_close(covering, global_out, rtol=1e-5, atol=1e-5)
+    assert (local - global_out).abs().max() > 1e-3
+
+
+def test_outer_kernel_only_changes_output_when_smaller_than_grid():
+    model = randomize(tiny(outer_kernel_size=3)).eval()
+    x, t = inputs()
+    with torch.no_grad():
+        small = model(x, t).sample
+        for block in model.outer_in_blocks:
+            block.attn.kernel_size = 8
+        for block in model.outer_out_blocks:
+            block.attn.kernel_size = 8
+        full = model(x, t).sample
+        for block in list(model.outer_in_blocks) + list(model.outer_out_blocks):
+            block.attn.kernel_size = 99
+        larger = model(x, t).sample
+    assert (small - full).abs().max() > 1e-3
+    torch.testing.assert_close(larger, full)
+
+
+def test_attention_math_runs_in_float32_under_bf16_autocast(monkeypatch):
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = randomize(tiny(num_classes=3))
+    x, t = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, class_labels=torch.tensor([0, 1])).sample
+    assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
+    assert torch.isfinite(out).all()
+
+
+# -- conditioning -----------------------------------------------------------------------------
+
+
+def test_padding_tokens_are_ignored_by_text_cross_attention():
+    model = randomize(tiny(cross_attention_dim=24)).eval()
+    x, t = inputs(batch=1)
+    text = torch.randn(1, 3, 24)
+    padded = torch.cat([text, 100 * torch.randn(1, 4, 24)], dim=1)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0]])
+    with torch.no_grad():
+        short = model(x, t, encoder_hidden_states=text).sample
+        masked = model(x, t, encoder_hidden_states=padded, encoder_attention_mask=mask).sample
+        unmasked = model(x, t, encoder_hidden_states=padded).sample
+    torch.testing.assert_close(masked, short, rtol=1e-5, atol=1e-5)
+    assert (unmasked - short).abs().max() > 1e-3
+
+
+def test_class_labels_change_output_and_none_means_null_label():
+    model = randomize(tiny(num_classes=4)).eval()
+    x, t = inputs()
+    with torch.no_grad():
+        a = model(x, t, class_labels=torch.tensor([0, 0])).sample
+        b = model(x, t, class_labels=torch.tensor([1, 1])).sample
+        null = model(x, t, class_labels=torch.tensor([4, 4])).sample
+        none = model(x, t).sample
+    assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(none, null)
+
+
+def test_timestep_and_aux_conditions_change_output():
+    model = randomize(tiny(use_aux_conditions=True)).eval()
+    x, _ = inputs()
+    with torch.no_grad():
+        base = model(x, torch.tensor([10.0, 10.0])).sample
+        later = model(x, torch.tensor([900.0, 900.0])).sample
+        scaled = model(x, torch.tensor([10.0, 10.0]), image_scale=torch.tensor([0.5, 0.5])).sample
+        dropped = model(x, torch.tensor([10.0, 10.0]), image_scale=torch.zeros(2)).sample
+    assert (base - later).abs().max() > 1e-3
+    assert (base - scaled).abs().max() > 1e-3
+    torch.testing.assert_close(dropped, base)
+
+
+def test_fourier_features_zero_marks_dropped_condition():
+    values = torch.tensor([0.0, 0.5])
+    features = fourier_features(values, 8, 1.0, 1000.0)
+    assert torch.equal(features[0], torch.zeros(8))
+    freqs = torch.tensor([1.0, 10.0, 100.0, 1000.0])
+    expected = torch.cat([(0.5 * freqs).cos(), (0.5 * freqs).sin()])
+    # float32 angles of up to 500 rad carry ~3e-5 absolute error.
+    torch.testing.assert_close(features[1], expected, rtol=0, atol=2e-4)
+
+
+def test_gradient_flow_reduction_keeps_value_and_scales_gradient():
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    y = reduce_gradient_flow(x, 0.25)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((2,), 0.25))
+
+
+# -- aggregate token merge ------------------------------------------------------------------------
+
+
+def test_merge_tokens_matches_listing_2_and_split_inverts_it():
+    x = torch.randn(2, 4, 6, 3)
+    merged = merge_tokens(x, 2)
+    # Listing 2: 'b (h p) (w q) c -> b h w (c p q)', written out by hand.
+    for i in range(2):
+        for j in range(3):
+            expected = torch.stack(
+                [x[:, 2 * i + p, 2 * j + q, :] for p in range(2) for q in range(2)], dim=-1
+            ).reshape(2, -1)
+            torch.testing.assert_close(merged[:, i, j], expected)
+    assert torch.equal(split_tokens(merged, 2), x)
+
+
+# -- presets and sizes ----------------------------------------------------------------------------
+
+
+def test_preset_parameter_counts_near_paper():
+    # Paper: MDiT-B has about 133M parameters class-conditional on ImageNet (section F.1).
+    assert abs(preset_cost("MDiT-B").parameters / 133e6 - 1) < 0.02
+    # Our MDiT-S must stay small enough to train on a CPU in minutes.
+    assert preset_cost("MDiT-S").parameters < 10e6
+
+
+@pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
+def test_dit_analog_depth_is_the_closest_parameter_match(size):
+    target = preset_cost(f"MDiT-{size}").parameters
+    depth = MDiTTransformer2DModel.preset_config(f"DiT-{size}")["num_core_blocks"]
+
+    def gap(d):
+        return abs(preset_cost(f"DiT-{size}", num_core_blocks=d).parameters - target)
+
+    assert gap(depth) <= min(gap(depth - 1), gap(depth + 1))
+
+
+def test_mdit_l_aggregate_and_core_block_flops_match_paper():
+    # G.5: in MDiT-L an aggregate block costs 3.78 G, a core block 3.92 G (16x16 core tokens).
+    with torch.device("meta"):
+        model = MDiTTransformer2DModel.from_preset("MDiT-L")
+        core_grid = torch.zeros(1, 16, 16, 1024)
+        condition = torch.zeros(1, 1024)
+        tokens = torch.zeros(1, 1, 1024)
+        aggregate = forward_flops(model.aggregate_blocks[0], core_grid, condition)
+        core = forward_flops(model.core_blocks[0], core_grid, condition, tokens)
+    assert abs(aggregate / 2e9 - 3.78) / 3.78 < 0.02
+    assert abs(core / 2e9 - 3.92) / 3.92 < 0.02
+
+
+def test_meta_device_counts_match_a_real_model():
+    config = dict(num_classes=5, **TINY_WIDTHS)
+    real = MDiTTransformer2DModel.from_preset("MDiT-S", **config)
+    assert count_parameters(real) == preset_cost("MDiT-S", **config).parameters
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, call, match",
+    [
+        ({}, dict(x=torch.randn(1, 3, 8, 8)), "in_channels"),
+        ({}, dict(x=torch.randn(1, 4, 8, 6)), "multiples of 4"),
+        ({"num_alternating_blocks": 0}, dict(x=torch.randn(1, 4, 7, 8)), "multiples of 2"),
+        ({"num_classes": 3}, dict(class_labels=torch.tensor([0, 5])), r"\[0, 3\]"),
+        ({"num_classes": 3}, dict(class_labels=torch.tensor([-1, 0])), r"\[0, 3\]"),
+        ({}, dict(class_labels=torch.tensor([0, 1])), "unconditional"),
+        ({}, dict(encoder_hidden_states=torch.randn(2, 3, 16)), "cross_attention_dim"),
+        ({"cross_attention_dim": 32}, dict(encoder_hidden_states=torch.randn(2, 3, 16)), "32"),
+        ({}, dict(image_scale=torch.ones(2)), "use_aux_conditions"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, call, match):
+    model = tiny(**kwargs)
+    x = call.pop("x", inputs()[0])
+    with pytest.raises(ValueError, match=match):
+        model(x, torch.zeros(x.shape[0]), **call)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_alternating_blocks": 3}, "even"),
+        ({"core_dim": 100}, "multiple of attention_head_dim"),
+        ({"core_attention_type": "windowed"}, "global"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kwargs)
+
+
+def test_unknown_preset_and_override_raise_clear_errors():
+    with pytest.raises(ValueError, match="MDiT-B"):
+        MDiTTransformer2DModel.from_preset("MDiT-Q")
+    with pytest.raises(ValueError, match="num_heads"):
+        MDiTTransformer2DModel.from_preset("MDiT-S", num_heads=3)
+    with pytest.raises(ValueError, match="global"):
+        tiny().set_core_attention("sparse")
