@@ -26,7 +26,8 @@ def preset_table(height: int = 32, width: int = 32) -> str:
         conditional = preset_cost(name, height, width)
         unconditional = preset_cost(name, height, width, num_classes=0)
         rows.append(
-            f"{name:<9} {conditional.parameters / 1e6:>21.1f}M {unconditional.parameters / 1e6:>16.1f}M "
+            f"{name:<9} {conditional.parameters / 1e6:>21.1f}M "
+            f"{unconditional.parameters / 1e6:>16.1f}M "
             f"{conditional.gmacs:>8.2f} {conditional.gflops:>8.2f}  {PAPER_FIGURES.get(name, '')}"
         )
     return "\n".join(rows)
@@ -47,7 +48,9 @@ def demo(argv: list[str] | None = None) -> None:
     config = model.config
     latents = torch.randn(args.batch_size, config.in_channels, args.resolution, args.resolution)
     timestep = torch.full((args.batch_size,), 500)
-    labels = torch.randint(0, config.num_classes, (args.batch_size,)) if config.num_classes else None
+    labels = (
+        torch.randint(0, config.num_classes, (args.batch_size,)) if config.num_classes else None
+    )
     with torch.no_grad():
         start = time.perf_counter()
         out = model(latents, timestep, class_labels=labels).sample
@@ -64,11 +67,15 @@ def demo(argv: list[str] | None = None) -> None:
         f"({flops / args.batch_size / 1e9:.2f} GFLOPs) per image, {seconds:.2f} s on "
         f"{torch.get_num_threads()} CPU threads"
     )
-    print(f"output {tuple(out.shape)}, max |output| = {out.abs().max().item():.3g} "
-          "(exactly 0 at initialisation, appendix G.3)")
+    print(
+        f"output {tuple(out.shape)}, max |output| = {out.abs().max().item():.3g} "
+        "(exactly 0 at initialisation, appendix G.3)"
+    )
     if not args.no_table:
-        print(f"\nAll presets at {config.in_channels}x{args.resolution}x{args.resolution} "
-              "(built on the meta device):")
+        print(
+            f"\nAll presets at {config.in_channels}x{args.resolution}x{args.resolution} "
+            "(built on the meta device):"
+        )
         print(preset_table(args.resolution, args.resolution))
 
 

@@ -64,7 +64,7 @@ def test_every_preset_layout_runs_with_tiny_widths(preset):
 )
 @pytest.mark.parametrize("layout", [(1, 2, 2, 1), (0, 0, 0, 2), (0, 1, 0, 1)])
 def test_conditioning_modes_and_layouts(mode, layout):
-    m, n, k, l = layout
+    m, n, k, l = layout  # noqa: E741 (the paper's {M, N, K, L})
     overrides = dict(
         num_outer_in_blocks=m, num_outer_out_blocks=n, num_alternating_blocks=k, num_core_blocks=l
     )
@@ -108,13 +108,22 @@ def test_return_dict_false_returns_tuple():
 def test_fresh_model_outputs_exactly_zero_and_init_follows_g3():
     model = tiny(num_classes=3, cross_attention_dim=16)
     x, t = inputs()
-    out = model(x, t, class_labels=torch.tensor([0, 1]), encoder_hidden_states=torch.randn(2, 2, 16))
+    out = model(
+        x, t, class_labels=torch.tensor([0, 1]), encoder_hidden_states=torch.randn(2, 2, 16)
+    )
     assert torch.equal(out.sample, torch.zeros_like(x))
     for name, p in model.named_parameters():
         # The mapping network is not a residual branch: zeroing it would leave W_t without gradient.
         zero = not name.startswith("condition_embedding") and any(
             key in name
-            for key in ("to_out", "ff.net.2", "norm1.linear", "norm2.linear", "core_unpatch.proj", "proj_out")
+            for key in (
+                "to_out",
+                "ff.net.2",
+                "norm1.linear",
+                "norm2.linear",
+                "core_unpatch.proj",
+                "proj_out",
+            )
         )
         if zero:
             assert torch.all(p == 0), name
@@ -135,8 +144,12 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     x, t = inputs()
     labels = torch.tensor([1, 2])
     with torch.no_grad():
-        assert torch.equal(model(x, t, class_labels=labels).sample, loaded(x, t, class_labels=labels).sample)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(
+            model(x, t, class_labels=labels).sample, loaded(x, t, class_labels=labels).sample
+        )
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

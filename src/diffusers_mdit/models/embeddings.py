@@ -98,14 +98,14 @@ class ConditionEmbedding(nn.Module):
         image_scale: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        features = [
-            get_timestep_embedding(timestep, self.timestep_channels, flip_sin_to_cos=True)
-        ]
+        features = [get_timestep_embedding(timestep, self.timestep_channels, flip_sin_to_cos=True)]
         if self.use_aux_conditions:
             zeros = torch.zeros_like(timestep, dtype=torch.float32)
             image_scale = zeros if image_scale is None else image_scale
             aspect_ratio = zeros if aspect_ratio is None else aspect_ratio
-            features.append(fourier_features(image_scale, self.aux_channels, *self.scale_freq_range))
+            features.append(
+                fourier_features(image_scale, self.aux_channels, *self.scale_freq_range)
+            )
             features.append(
                 fourier_features(aspect_ratio, self.aux_channels, *self.aspect_ratio_freq_range)
             )

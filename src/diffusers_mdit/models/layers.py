@@ -39,9 +39,7 @@ def geglu_inner_dim(dim: int, mult: float, multiple_of: int = 64) -> int:
 
 def geglu_feed_forward(dim: int, mult: float) -> FeedForward:
     """Bias-free GeGLU feed-forward (MDiT G.1), diffusers' ``FeedForward``."""
-    return FeedForward(
-        dim, inner_dim=geglu_inner_dim(dim, mult), activation_fn="geglu", bias=False
-    )
+    return FeedForward(dim, inner_dim=geglu_inner_dim(dim, mult), activation_fn="geglu", bias=False)
 
 
 class ModulatedRMSNorm(nn.Module):
@@ -62,7 +60,10 @@ class ModulatedRMSNorm(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Merge ``patch_size`` x ``patch_size`` tokens and project: ``(B, H, W, in) -> (B, H/p, W/p, out)``."""
+    """Merge ``patch_size`` x ``patch_size`` tokens and project.
+
+    ``(B, H, W, in) -> (B, H/p, W/p, out)``.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, patch_size: int):
         super().__init__()

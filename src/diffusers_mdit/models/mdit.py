@@ -8,11 +8,14 @@ Layout ``{M, N, K, L}``::
       M outer blocks            full resolution, neighborhood attention (k=7), modulated RMSNorm
       skip = h
       core patch 2x2 -> width 2d
-        K/2 x [core block, aggregate block]   core block: self-attn + time-token cross-attn + FFN
-        L core blocks                          aggregate block: attention on a further 2x merged grid
+        K/2 x [core block, aggregate block]
+        L core blocks
       h = skip + unpatch(core)  ("macro block")
       N outer blocks
       RMSNorm -> linear to the output channels (zero-initialised)
+
+Core block: self-attention + cross-attention over [null, condition tokens, time token] + FFN.
+Aggregate block: attention on a further 2x2 merged grid with 1.5x heads, FFN at full scale.
 
 ``{0, 0, K, L}`` has no outer level: the core patch embedding reads the latent and its un-patch
 writes the prediction, which with ``K = 0`` is the isotropic DiT analog the paper compares with.
@@ -142,7 +145,9 @@ class AggregateBlock(nn.Module):
         super().__init__()
         merged = dim * self.merge_factor**2
         self.norm1 = ModulatedRMSNorm(dim, condition_dim)
-        self.attn = GridSelfAttention(merged, num_heads, head_dim, kernel_size, rope_pairs, rope_base)
+        self.attn = GridSelfAttention(
+            merged, num_heads, head_dim, kernel_size, rope_pairs, rope_base
+        )
         self.norm2 = ModulatedRMSNorm(dim, condition_dim)
         self.ff = geglu_feed_forward(dim, ffn_mult)
 
@@ -273,7 +278,9 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if num_classes > 0:
             self.class_embedding = nn.Embedding(num_classes + 1, condition_token_dim)
 
-        shared = dict(ffn_mult=ffn_mult, head_dim=head_dim, rope_pairs=rope_pairs, rope_base=rope_base)
+        shared = dict(
+            ffn_mult=ffn_mult, head_dim=head_dim, rope_pairs=rope_pairs, rope_base=rope_base
+        )
         if self.has_outer_level:
             outer = dict(
                 dim=outer_dim,
@@ -283,8 +290,12 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 **shared,
             )
             self.proj_in = nn.Linear(in_channels, outer_dim, bias=False)
-            self.outer_in_blocks = nn.ModuleList(OuterBlock(**outer) for _ in range(num_outer_in_blocks))
-            self.outer_out_blocks = nn.ModuleList(OuterBlock(**outer) for _ in range(num_outer_out_blocks))
+            self.outer_in_blocks = nn.ModuleList(
+                OuterBlock(**outer) for _ in range(num_outer_in_blocks)
+            )
+            self.outer_out_blocks = nn.ModuleList(
+                OuterBlock(**outer) for _ in range(num_outer_out_blocks)
+            )
             self.norm_out = RMSNorm(outer_dim, eps=RMS_NORM_EPS)
             self.proj_out = nn.Linear(outer_dim, out_channels, bias=False)
             patch_in, patch_out = outer_dim, outer_dim
@@ -366,7 +377,9 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # -- inputs --------------------------------------------------------------------------------
 
-    def _check_inputs(self, hidden_states, class_labels, encoder_hidden_states, image_scale, aspect_ratio):
+    def _check_inputs(
+        self, hidden_states, class_labels, encoder_hidden_states, image_scale, aspect_ratio
+    ):
         config = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != config.in_channels:
             raise ValueError(
@@ -379,7 +392,8 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if height % multiple or width % multiple:
             raise ValueError(
                 f"Height and width must be multiples of {multiple} (core patch "
-                f"{config.core_patch_size}" + (" x aggregate merge 2" if self.aggregate_blocks else "")
+                f"{config.core_patch_size}"
+                + (" x aggregate merge 2" if self.aggregate_blocks else "")
                 + f"), got {height}x{width}. Resize or pad the input to a multiple of {multiple}."
             )
         if class_labels is not None:
@@ -408,7 +422,10 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                     "Build it with cross_attention_dim set to the text encoder width "
                     "(e.g. cross_attention_dim=1024 for FLAN-T5-L)."
                 )
-            if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != config.cross_attention_dim:
+            if (
+                encoder_hidden_states.ndim != 3
+                or encoder_hidden_states.shape[-1] != config.cross_attention_dim
+            ):
                 raise ValueError(
                     f"encoder_hidden_states must be (batch, tokens, {config.cross_attention_dim}), "
                     f"got {tuple(encoder_hidden_states.shape)}."
@@ -481,7 +498,9 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Returns:
             The prediction ``(B, out_channels, H, W)``.
         """
-        self._check_inputs(hidden_states, class_labels, encoder_hidden_states, image_scale, aspect_ratio)
+        self._check_inputs(
+            hidden_states, class_labels, encoder_hidden_states, image_scale, aspect_ratio
+        )
         batch = hidden_states.shape[0]
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
         condition = self.condition_embedding(timestep, image_scale, aspect_ratio)
@@ -525,7 +544,9 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def preset_config(cls, name: str, **overrides: Any) -> dict[str, Any]:
         """The config dict of preset ``name`` with ``overrides`` (config fields) applied."""
         if name not in MDIT_PRESETS:
-            raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(MDIT_PRESETS)}.")
+            raise ValueError(
+                f"Unknown preset {name!r}. Available presets: {', '.join(MDIT_PRESETS)}."
+            )
         unknown = set(overrides) - set(cls._config_fields())
         if unknown:
             raise ValueError(
@@ -548,12 +569,19 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
 
 def _validate_config(
-    num_alternating_blocks, outer_dim, core_dim, attention_head_dim, core_attention_type, num_classes, blocks
+    num_alternating_blocks,
+    outer_dim,
+    core_dim,
+    attention_head_dim,
+    core_attention_type,
+    num_classes,
+    blocks,
 ):
     if num_alternating_blocks % 2 or num_alternating_blocks < 0:
         raise ValueError(
             f"num_alternating_blocks (K) must be even and >= 0 (K/2 aggregate blocks alternate "
-            f"with K/2 core blocks), got {num_alternating_blocks}. Use K={num_alternating_blocks + 1}."
+            f"with K/2 core blocks), got {num_alternating_blocks}. "
+            f"Use K={max(num_alternating_blocks + 1, 0)}."
         )
     if min(blocks) < 0:
         raise ValueError(f"Block counts must be >= 0, got M, N, L = {blocks}.")
@@ -576,7 +604,7 @@ def _validate_config(
 # --------------------------------------------------------------------------------------------
 
 
-def _mdit(m, n, k, l, outer_dim, core_dim, **extra):
+def _mdit(m, n, k, l, outer_dim, core_dim, **extra):  # noqa: E741 (the paper's {M, N, K, L})
     return dict(
         num_outer_in_blocks=m,
         num_outer_out_blocks=n,

@@ -80,7 +80,9 @@ class PartialAxialRoPE(nn.Module):
         height, width = x.shape[1], x.shape[2]
         cos, sin = self._cos_sin(height, width, x.device)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        rotated, rest = x.split([2 * self.num_position_pairs, x.shape[-1] - 2 * self.num_position_pairs], -1)
+        rotated, rest = x.split(
+            [2 * self.num_position_pairs, x.shape[-1] - 2 * self.num_position_pairs], -1
+        )
         real, imag = rotated.unflatten(-1, (-1, 2)).unbind(-1)
         rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
         return torch.cat([rotated.flatten(-2), rest], dim=-1)

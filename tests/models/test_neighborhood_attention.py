@@ -1,0 +1,319 @@
+"""Tests for diffusers_mdit.models.neighborhood_attention (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusers_mdit.models.neighborhood_attention import (
+    ENV_VAR,
+    neighborhood_attention,
+    resolve_backend,
+)
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+na = importlib.import_module("diffusers_mdit.models.neighborhood_attention")
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def qkv(b, h, w, heads, d, dtype=torch.float32, seed=0):
+    return tuple(randn(b, h, w, heads, d, dtype=dtype, seed=seed + i) for i in range(3))
+
+
+# ---- an independent brute force: Python loops for the window rule, dense masked attention ----
+
+
+def window(i: int, size: int, kernel: int) -> range:
+    """NATTEN's window along one axis, written out: shifted inwards at the borders."""
+    kernel = min(kernel, size)
+    start = min(max(i - kernel // 2, 0), size - kernel)
+    return range(start, start + kernel)
+
+
+def window_mask(height: int, width: int, kh: int, kw: int) -> torch.Tensor:
+    mask = torch.zeros(height * width, height * width, dtype=torch.bool)
+    for i in range(height):
+        for j in range(width):
+            for r in window(i, height, kh):
+                for c in window(j, width, kw):
+                    mask[i * width + j, r * width + c] = True
+    return mask
+
+
+def brute_force(q, k, v, kernel, scale=None):
+    b, h, w, heads, d = q.shape
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    scale = d**-0.5 if scale is None else scale
+
+    def flat(t):
+        return t.reshape(b, h * w, heads, d).transpose(1, 2)
+
+    scores = flat(q) @ flat(k).transpose(-1, -2) * scale
+    scores = scores.masked_fill(~window_mask(h, w, kh, kw), float("-inf"))
+    out = scores.softmax(-1) @ flat(v)
+    return out.transpose(1, 2).reshape(b, h, w, heads, d)
+
+
+def test_window_rule_hand_computed():
+    # 5x1 grid, k=3: row 0 -> rows 0..2, row 2 -> 1..3, row 4 -> 2..4 (no zero padding).
+    expected = torch.tensor(
+        [
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 0, 0],
+            [0, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1],
+            [0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(window_mask(5, 1, 3, 1), expected)
+    # Even kernel (NATTEN): k//2 neighbours before the query, k//2 - 1 after.
+    assert [list(window(i, 6, 4)) for i in (0, 2, 3, 5)] == [
+        [0, 1, 2, 3],
+        [0, 1, 2, 3],
+        [1, 2, 3, 4],
+        [2, 3, 4, 5],
+    ]
+
+
+def window_probe(height, width, kernel, backend):
+    """Which keys each query attends to: zero queries give uniform weights over the window,
+    and one-hot values turn the output into the window's indicator / window size."""
+    tokens = height * width
+    q = torch.zeros(1, height, width, 1, tokens, dtype=torch.float64)
+    v = torch.eye(tokens, dtype=torch.float64).reshape(1, height, width, 1, tokens)
+    out = neighborhood_attention(q, q.clone(), v, kernel, backend=backend)
+    return out.reshape(tokens, tokens) > 0
+
+
+@pytest.mark.parametrize("path", ["reference", "dense", "tiled", "tiled_autograd"])
+@pytest.mark.parametrize(
+    "height, width, kernel", [(5, 1, 3), (6, 5, 4), (9, 7, (3, 5)), (11, 10, 7), (4, 3, 9)]
+)
+def test_backend_windows_match_rule(path, height, width, kernel, monkeypatch):
+    backend = force_path(path, monkeypatch)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    got = window_probe(height, width, kernel, backend)
+    assert torch.equal(got, window_mask(height, width, kh, kw))
+
+
+# ---- "torch" backend vs reference ------------------------------------------------------------
+
+
+def force_path(path: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Backend name for ``path``, patching the module so that the torch backend takes it."""
+    if path == "reference":
+        return "reference"
+    if path in ("tiled", "tiled_small_chunks", "tiled_autograd"):
+        monkeypatch.setattr(na, "_DENSE_MAX_TOKENS", 0)
+        monkeypatch.setattr(na, "_DENSE_MAX_MASK", 0)
+    if path == "tiled_small_chunks":
+        monkeypatch.setattr(na, "_CHUNK_BYTES", 1)  # one tile row of one image per chunk
+    if path == "tiled_autograd":
+        monkeypatch.setattr(na, "_HAS_CPU_FLASH", False)
+    return "torch"
+
+
+SHAPES = [
+    # batch, height, width, heads, head_dim, kernel
+    (2, 8, 8, 2, 16, 3),
+    (2, 13, 21, 3, 8, 7),  # non-square, not divisible by the tile
+    (3, 10, 9, 2, 8, 5),
+    (1, 17, 6, 1, 8, (5, 3)),
+    (2, 7, 7, 2, 8, 7),  # kernel == grid
+    (2, 2, 3, 2, 4, 3),  # tiny grid, kernel clamped along one axis
+    (1, 1, 9, 2, 4, 3),
+    (2, 12, 16, 2, 8, (4, 6)),  # even kernels
+]
+
+
+@pytest.mark.parametrize("path", ["dense", "tiled", "tiled_small_chunks", "tiled_autograd"])
+@pytest.mark.parametrize("b, h, w, heads, d, kernel", SHAPES)
+def test_torch_matches_reference(path, b, h, w, heads, d, kernel, monkeypatch):
+    backend = force_path(path, monkeypatch)
+    inputs = qkv(b, h, w, heads, d)
+    grad = randn(b, h, w, heads, d, seed=9)
+    results = []
+    for name in (backend, "reference"):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        out = neighborhood_attention(q, k, v, kernel, backend=name)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+        if name == "torch" and na.normalize_kernel_size(kernel, h, w) != (h, w):
+            fused = "Fused" in type(out.grad_fn).__name__
+            assert fused == (path in ("tiled", "tiled_small_chunks")), out.grad_fn
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_split_into_several_chunks(monkeypatch):
+    force_path("tiled", monkeypatch)
+    plan = na._plan(20, 18, 7, 7, 8, 8, torch.device("cpu"))
+    row_bytes = na._tile_row_bytes(plan, 2 * 4, torch.float32)
+    monkeypatch.setattr(na, "_CHUNK_BYTES", 2 * plan.tile_rows * row_bytes)  # two images
+    assert [c.batches for _, c in na._chunks(plan, 5, 2 * 4, torch.float32)] == [2, 2, 1]
+    inputs = qkv(5, 20, 18, 2, 4)
+    results = []
+    for name in ("torch", "reference"):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        out = neighborhood_attention(q, k, v, 7, backend=name)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["tiled", "tiled_small_chunks"])
+def test_fused_tiled_gradcheck(path, monkeypatch):
+    force_path(path, monkeypatch)
+    q, k, v = (t.requires_grad_() for t in qkv(1, 6, 5, 1, 3, dtype=torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: neighborhood_attention(q, k, v, 3, backend="torch"), (q, k, v)
+    )
+
+
+# ---- reference vs brute force, global attention, scale ---------------------------------------
+
+
+@pytest.mark.parametrize("b, h, w, heads, d, kernel", SHAPES)
+def test_reference_matches_brute_force(b, h, w, heads, d, kernel):
+    q, k, v = qkv(b, h, w, heads, d, dtype=torch.float64)
+    out = neighborhood_attention(q, k, v, kernel, backend="reference")
+    torch.testing.assert_close(out, brute_force(q, k, v, kernel))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("kernel", [(5, 7), 9, (30, 7)])
+def test_covering_kernel_is_global_attention(backend, kernel):
+    q, k, v = qkv(2, 5, 7, 2, 8, dtype=torch.float64)
+    out = neighborhood_attention(q, k, v, kernel, backend=backend)
+
+    def flat(t):
+        return t.reshape(2, 35, 2, 8).transpose(1, 2)
+
+    probs = (flat(q) @ flat(k).transpose(-1, -2) * 8**-0.5).softmax(-1)
+    expected = (probs @ flat(v)).transpose(1, 2).reshape(2, 5, 7, 2, 8)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_custom_scale(backend):
+    q, k, v = qkv(1, 9, 9, 2, 8, dtype=torch.float64)
+    out = neighborhood_attention(q, k, v, 5, scale=0.7, backend=backend)
+    torch.testing.assert_close(out, brute_force(q, k, v, 5, scale=0.7))
+
+
+def test_kernel_one_returns_values():
+    q, k, v = qkv(1, 4, 5, 2, 8)
+    for backend in ("torch", "reference"):
+        torch.testing.assert_close(neighborhood_attention(q, k, v, 1, backend=backend), v)
+
+
+def test_dtype_and_layout_preserved():
+    q, k, v = qkv(2, 20, 20, 2, 16, dtype=torch.bfloat16)
+    out = neighborhood_attention(q, k, v, 5)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    expected = neighborhood_attention(q.float(), k.float(), v.float(), 5, backend="reference")
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_empty_batch():
+    q, k, v = qkv(0, 6, 6, 2, 4)
+    assert neighborhood_attention(q, k, v, 3).shape == (0, 6, 6, 2, 4)
+
+
+# ---- NATTEN ----------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore")  # NATTEN's CPU path warns about uncompiled Flex Attention
+@pytest.mark.parametrize(
+    "b, h, w, heads, d, kernel",
+    [(1, 6, 7, 2, 8, 3), (2, 8, 5, 1, 8, (5, 3)), (1, 6, 6, 2, 8, 4), (1, 5, 9, 1, 8, (5, 7))],
+)
+def test_natten_forward_agrees(b, h, w, heads, d, kernel):
+    pytest.importorskip("natten")
+    q, k, v = qkv(b, h, w, heads, d)
+    theirs = neighborhood_attention(q, k, v, kernel, backend="natten")
+    ours = neighborhood_attention(q, k, v, kernel, backend="torch")
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_forced_natten_rejects_unit_kernel():
+    pytest.importorskip("natten")
+    q, k, v = qkv(1, 1, 6, 1, 4)
+    with pytest.raises(ValueError, match="kernel sizes >= 2"):
+        neighborhood_attention(q, k, v, 3, backend="natten")
+
+
+# ---- meta device and FLOPs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "b, h, w, heads, d, kernel", [(2, 16, 16, 4, 32, 7), (1, 9, 20, 3, 8, (3, 5))]
+)
+def test_meta_reference_flops(b, h, w, heads, d, kernel):
+    q, k, v = (torch.empty(b, h, w, heads, d, device="meta") for _ in range(3))
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = neighborhood_attention(q, k, v, kernel)  # auto on meta -> reference
+    assert out.device.type == "meta" and out.shape == q.shape
+    assert counter.get_total_flops() == 4 * b * heads * h * w * kh * kw * d
+
+
+# ---- validation and backend selection --------------------------------------------------------
+
+
+def test_bad_inputs():
+    q, k, v = qkv(1, 4, 4, 2, 8)
+    with pytest.raises(ValueError, match="5-D"):
+        neighborhood_attention(q[0], k[0], v[0], 3)
+    with pytest.raises(ValueError, match="same shape"):
+        neighborhood_attention(q, k[:, :3], v, 3)
+    with pytest.raises(ValueError, match="dtype"):
+        neighborhood_attention(q, k.double(), v, 3)
+    with pytest.raises(ValueError, match="floating point"):
+        neighborhood_attention(*(t.long() for t in (q, k, v)), 3)
+    for kernel in (0, (3, 3, 3), 2.5, (3, 0)):
+        with pytest.raises(ValueError, match="kernel_size"):
+            neighborhood_attention(q, k, v, kernel)
+    with pytest.raises(ValueError, match="'natten', 'torch', 'reference'"):
+        neighborhood_attention(q, k, v, 3, backend="flash")
+
+
+def test_auto_backend_selection(monkeypatch):
+    assert resolve_backend("cpu") == "torch"
+    assert resolve_backend(torch.device("cpu"), "auto") == "torch"
+    assert resolve_backend("meta") == "reference"
+    monkeypatch.setattr(na, "_natten_info", lambda: (True, True, ""))
+    assert resolve_backend("cuda") == "natten"
+    assert resolve_backend("cpu") == "torch"  # NATTEN on CPU has no backward
+    monkeypatch.setattr(na, "_natten_info", lambda: (True, False, ""))
+    assert resolve_backend("cuda") == "torch"  # no compiled library
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert resolve_backend("cpu") == "reference"
+    assert resolve_backend("cpu", "torch") == "torch"  # an explicit argument wins
+    monkeypatch.setenv(ENV_VAR, "auto")
+    assert resolve_backend("cpu") == "torch"
+    monkeypatch.setenv(ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        resolve_backend("cpu")
+
+
+def test_unavailable_natten_raises(monkeypatch):
+    monkeypatch.setattr(na, "_natten_info", lambda: (False, False, "ImportError: no natten"))
+    with pytest.raises(ValueError, match="pip install --no-build-isolation natten"):
+        resolve_backend("cpu", "natten")
+    assert resolve_backend("cuda") == "torch"
