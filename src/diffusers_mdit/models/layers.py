@@ -6,9 +6,12 @@ All grids are channels-last ``(B, H, W, C)``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from diffusers.models.attention import FeedForward
 from diffusers.models.normalization import RMSNorm
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 RMS_NORM_EPS = 1e-6
 
@@ -37,9 +40,124 @@ def geglu_inner_dim(dim: int, mult: float, multiple_of: int = 64) -> int:
     return multiple_of * -(-int(round(dim * mult)) // multiple_of)
 
 
-def geglu_feed_forward(dim: int, mult: float) -> FeedForward:
-    """Bias-free GeGLU feed-forward (MDiT G.1), diffusers' ``FeedForward``."""
-    return FeedForward(dim, inner_dim=geglu_inner_dim(dim, mult), activation_fn="geglu", bias=False)
+class _GEGLUFunction(torch.autograd.Function):
+    """``value * gelu(gate)`` of ``[value, gate] = projected.chunk(2, -1)``.
+
+    Autograd's version concatenates the two halves' gradients in backward; this one writes them
+    straight into one buffer. Measured on 2 CPU threads, (8192, 2048) float32 forward+backward:
+    111 ms instead of 142 ms.
+    """
+
+    @staticmethod
+    def forward(ctx, projected: torch.Tensor) -> torch.Tensor:
+        value, gate = projected.chunk(2, dim=-1)
+        activated = F.gelu(gate)
+        ctx.save_for_backward(projected, activated)
+        return value * activated
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        projected, activated = ctx.saved_tensors
+        value, gate = projected.chunk(2, dim=-1)
+        grad_projected = torch.empty_like(projected)
+        grad_value, grad_gate = grad_projected.chunk(2, dim=-1)
+        torch.mul(grad, activated, out=grad_value)
+        torch.ops.aten.gelu_backward.grad_input(grad * value, gate, grad_input=grad_gate)
+        return grad_projected
+
+
+class FusedGEGLU(GEGLU):
+    """diffusers' ``GEGLU`` (same parameters and state-dict keys) with a fused backward."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return _GEGLUFunction.apply(self.proj(hidden_states))
+
+
+class GeGLUFeedForward(FeedForward):
+    """Bias-free GeGLU feed-forward (MDiT G.1): diffusers' ``FeedForward`` (same modules and
+    state-dict keys) with :class:`FusedGEGLU` as its input projection.
+
+    On CPU, tokens go through in chunks whose hidden activations stay under 16 MiB. glibc
+    serves larger buffers with fresh ``mmap`` pages that are faulted in on every allocation;
+    chunking keeps them in the reused heap. Measured on 2 threads, MDiT-B's outer feed-forward
+    (8 x 32 x 32 tokens of width 384, hidden 1024) forward+backward: 378 ms in chunks of 2048
+    tokens vs 435 ms unchunked. Other devices have caching allocators and run unchunked.
+    """
+
+    chunk_bytes = 16 << 20
+
+    def __init__(self, dim: int, mult: float):
+        inner = geglu_inner_dim(dim, mult)
+        super().__init__(dim, inner_dim=inner, activation_fn="geglu", bias=False)
+        self.net[0] = FusedGEGLU(dim, inner, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        hidden = self.net[0].proj.out_features
+        per_token = hidden * hidden_states.element_size()
+        tokens = hidden_states.numel() // hidden_states.shape[-1]
+        if hidden_states.device.type != "cpu" or tokens * per_token <= self.chunk_bytes:
+            return super().forward(hidden_states)
+        flat = hidden_states.reshape(tokens, hidden_states.shape[-1])
+        chunks = flat.split(max(1, self.chunk_bytes // per_token))
+        out = torch.cat([super(GeGLUFeedForward, self).forward(c) for c in chunks])
+        return out.view(*hidden_states.shape[:-1], out.shape[-1])
+
+
+def geglu_feed_forward(dim: int, mult: float) -> GeGLUFeedForward:
+    """The MDiT feed-forward of width ``dim`` (see :class:`GeGLUFeedForward`)."""
+    return GeGLUFeedForward(dim, mult)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``x / rms(x) * scale`` over the last dim, ``scale`` broadcastable to ``x`` (a weight
+    ``(C,)`` or a per-sample modulation ``(B, 1, 1, C)``) or ``None``.
+
+    Autograd's version of the composite keeps and allocates about twice as many full-size
+    temporaries; on CPU, where every fresh large buffer is page-faulted in, that dominated the
+    norms' cost in profiles of MDiT-B training.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        out = x * rstd
+        if scale is not None:
+            out.mul_(scale)
+        ctx.save_for_backward(x, rstd, scale)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, rstd, scale = ctx.saved_tensors
+        normed = x * rstd
+        grad_scale = None
+        if scale is not None and ctx.needs_input_grad[1]:
+            grad_scale = (grad * normed).sum_to_size(scale.shape)
+        grad_normed = grad if scale is None else grad * scale
+        dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(x.shape[-1])
+        grad_x = normed.mul_(dot).sub_(grad_normed).mul_(rstd).neg_()
+        return grad_x, grad_scale, None
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of the last dim times ``scale``; fused for float32, composite otherwise."""
+    if x.dtype == torch.float32 and (scale is None or scale.dtype == torch.float32):
+        return _RMSNormFunction.apply(x, scale, eps)
+    variance = x.float().square().mean(-1, keepdim=True)
+    out = (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+    return out if scale is None else out * scale.to(x.dtype)
+
+
+class FusedRMSNorm(RMSNorm):
+    """diffusers' ``RMSNorm`` (same parameters and state-dict keys) on :func:`rms_norm`."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            return super().forward(hidden_states)
+        return rms_norm(hidden_states, self.weight, self.eps)
 
 
 class ModulatedRMSNorm(nn.Module):
@@ -49,14 +167,14 @@ class ModulatedRMSNorm(nn.Module):
     forward, not once per block.
     """
 
-    def __init__(self, dim: int, condition_dim: int):
+    def __init__(self, dim: int, condition_dim: int, eps: float = RMS_NORM_EPS):
         super().__init__()
-        self.norm = RMSNorm(dim, eps=RMS_NORM_EPS, elementwise_affine=False)
+        self.eps = eps
         self.linear = nn.Linear(condition_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         scale = 1 + self.linear(condition)
-        return self.norm(x) * scale[:, None, None, :]
+        return rms_norm(x, scale[:, None, None, :], self.eps)
 
 
 class PatchEmbed(nn.Module):
@@ -80,7 +198,7 @@ class Unpatch(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, patch_size: int):
         super().__init__()
         self.patch_size = patch_size
-        self.norm = RMSNorm(in_dim, eps=RMS_NORM_EPS)
+        self.norm = FusedRMSNorm(in_dim, eps=RMS_NORM_EPS)
         self.proj = nn.Linear(in_dim, out_dim * patch_size**2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
