@@ -1,38 +1,53 @@
-"""MDiT-B vs diffusers' DiT-B/2 on this machine, measured side by side in one run.
+"""Our models vs diffusers' DiT on this machine, measured side by side in one run.
+
+Two comparisons (``--pair``):
+
+- ``mdit``: MDiT-B vs diffusers' ``DiTTransformer2DModel`` DiT-B/2 (12 layers, width 768).
+- ``diffit``: DiffiT-XL vs DiT-XL/2 (width 1152, 16 heads, learned sigma), both at reduced depth
+  (``--diffit_depth``, default 4 of 28) so a CPU run takes minutes: blocks are identical, so the
+  per-block rate is what a full-depth model achieves.
 
 Prints forward and forward+backward seconds per image, model GFLOPs, achieved GFLOP/s, the
-fraction of this machine's measured matmul peak, and the MDiT/DiT ratios. FLOPs are counted by
+fraction of this machine's best measured fp32 matmul rate, and the ratios. FLOPs are counted by
 ``torch.utils.flop_counter`` on the meta device (matmuls and attention; neighborhood attention
-at its ideal k*k cost), forward+backward as counted through autograd.
+at its ideal k*k cost), forward+backward as counted through autograd. Every repeat runs every
+model once (interleaved) and the median is reported.
 
-    python benchmarks/bench_model.py            # batch 8, 5 interleaved repeats (CPU: ~5 min)
-    python benchmarks/bench_model.py --quick    # CI smoke run
+    python benchmarks/bench_model.py                 # both pairs, batch 8 (CPU: ~6 min)
+    python benchmarks/bench_model.py --pair mdit
+    python benchmarks/bench_model.py --quick         # CI smoke run
     python benchmarks/bench_model.py --device cuda --batch_size 64 --autocast bf16
+
+On glibc, buffers over the malloc mmap threshold (at most 32 MiB by default) are returned to
+the OS when freed and page-faulted in again on every allocation. MDiT's full-resolution outer
+level has such activations at batch 8, so element-wise work costs it more than DiT; run with
+``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` (or jemalloc/tcmalloc)
+to see both models without that cost. RESULTS.md has both.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from diffusers import DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusers_mdit import MDiTTransformer2DModel
+from diffusers_mdit import DiffiTTransformer2DModel, MDiTTransformer2DModel
 
 
-def build(name: str):
-    if name == "MDiT-B":
-        return MDiTTransformer2DModel.from_preset("MDiT-B")
-    # DiT-B/2 exactly as in the DiT paper (learned sigma: 8 output channels).
+def diffusers_dit(width: int, heads: int, depth: int) -> DiTTransformer2DModel:
+    """DiT-*/2 exactly as in the DiT paper (learned sigma: 8 output channels)."""
     return DiTTransformer2DModel(
-        num_attention_heads=12,
-        attention_head_dim=64,
+        num_attention_heads=heads,
+        attention_head_dim=width // heads,
         in_channels=4,
         out_channels=8,
-        num_layers=12,
+        num_layers=depth,
         sample_size=32,
         patch_size=2,
         num_embeds_ada_norm=1000,
@@ -40,10 +55,25 @@ def build(name: str):
     )
 
 
+def builders(diffit_depth: int) -> dict[str, dict[str, Callable[[], torch.nn.Module]]]:
+    return {
+        "mdit": {
+            "MDiT-B": lambda: MDiTTransformer2DModel.from_preset("MDiT-B"),
+            "DiT-B/2": lambda: diffusers_dit(768, 12, 12),
+        },
+        "diffit": {
+            f"DiffiT-XL[{diffit_depth}]": lambda: DiffiTTransformer2DModel.from_preset(
+                "DiffiT-XL", num_layers=diffit_depth, out_channels=8
+            ),
+            f"DiT-XL/2[{diffit_depth}]": lambda: diffusers_dit(1152, 16, diffit_depth),
+        },
+    }
+
+
 def call(model, latents, timestep, labels):
-    if isinstance(model, MDiTTransformer2DModel):
-        return model(latents, timestep, class_labels=labels).sample
-    return model(latents, timestep=timestep, class_labels=labels).sample
+    if isinstance(model, DiTTransformer2DModel):
+        return model(latents, timestep=timestep, class_labels=labels).sample
+    return model(latents, timestep, class_labels=labels).sample
 
 
 def inputs(batch, resolution, device):
@@ -53,10 +83,10 @@ def inputs(batch, resolution, device):
     return latents, timestep, labels
 
 
-def count_flops(name: str, resolution: int) -> tuple[int, int]:
+def count_flops(build, resolution: int) -> tuple[int, int]:
     """(forward, forward+backward) FLOPs per image, counted on the meta device."""
     with torch.device("meta"):
-        model = build(name)
+        model = build()
         args = inputs(1, resolution, "meta")
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
@@ -74,7 +104,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, size=2048, repeats=10) -> float:
+def matmul_peak(device, size=2048, repeats=5) -> float:
+    """Best fp32 matmul rate; sampled between the model repeats, the best sample is kept."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     a @ b
@@ -90,8 +121,10 @@ def matmul_peak(device, size=2048, repeats=10) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pair", choices=["mdit", "diffit", "all"], default="all")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=32, help="latent height and width")
+    parser.add_argument("--diffit_depth", type=int, default=4, help="DiffiT-XL / DiT-XL depth")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -99,24 +132,28 @@ def main():
     parser.add_argument("--quick", action="store_true", help="batch 2, 1 repeat: a smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.batch_size, args.repeats = 2, 1
+        args.batch_size, args.repeats, args.diffit_depth = 2, 1, 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
+    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
     print(
         f"config: batch {args.batch_size}, latent 4x{args.resolution}x{args.resolution}, "
         f"{args.repeats} interleaved repeats (median), device {device}, "
-        f"{torch.get_num_threads()} threads, autocast {args.autocast}, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, autocast {args.autocast}, torch {torch.__version__}, "
+        f"malloc mmap threshold: {malloc}"
     )
-    peak = matmul_peak(device)
-    print(f"matmul peak (2048^3 fp32): {peak:.1f} GFLOP/s")
 
-    names = ["MDiT-B", "DiT-B/2"]
+    pairs = builders(args.diffit_depth)
+    pairs = pairs if args.pair == "all" else {args.pair: pairs[args.pair]}
     torch.manual_seed(0)
-    models = {name: build(name).to(device) for name in names}
-    flops = {name: count_flops(name, args.resolution) for name in names}
+    models, flops = {}, {}
+    for pair in pairs.values():
+        for name, build in pair.items():
+            models[name] = build().to(device)
+            flops[name] = count_flops(build, args.resolution)
     batch = inputs(args.batch_size, args.resolution, device)
-    times = {name: {"fwd": [], "train": []} for name in names}
+    times = {name: {"fwd": [], "train": []} for name in models}
 
     def step(name, train):
         model = models[name]
@@ -133,20 +170,24 @@ def main():
         sync(device)
         return time.perf_counter() - start
 
-    for name in names:  # warm-up
+    for name in models:  # warm-up
         step(name, False)
         step(name, True)
+    peaks = [matmul_peak(device)]
     for _ in range(args.repeats):
-        for name in names:
+        peaks.append(matmul_peak(device))
+        for name in models:
             times[name]["fwd"].append(step(name, False))
             times[name]["train"].append(step(name, True))
 
+    peak = max(peaks)
+    print(f"matmul peak (2048^3 fp32, best of {5 * len(peaks)}): {peak:.1f} GFLOP/s")
     rows = {}
     print(
-        f"\n{'model':<8} {'params':>8} {'GFLOPs fwd':>11} {'fwd s/img':>10} {'fwd GFLOP/s':>12} "
+        f"\n{'model':<14} {'params':>8} {'GFLOPs fwd':>11} {'fwd s/img':>10} {'fwd GFLOP/s':>12} "
         f"{'fwd+bwd s/img':>14} {'train GFLOP/s':>14} {'% peak':>7}"
     )
-    for name in names:
+    for name in models:
         fwd = statistics.median(times[name]["fwd"]) / args.batch_size
         train = statistics.median(times[name]["train"]) / args.batch_size
         forward_flops, train_flops = flops[name]
@@ -158,22 +199,21 @@ def main():
         )
         params = sum(p.numel() for p in models[name].parameters())
         print(
-            f"{name:<8} {params / 1e6:>7.1f}M {forward_flops / 1e9:>11.2f} {fwd:>10.3f} "
+            f"{name:<14} {params / 1e6:>7.1f}M {forward_flops / 1e9:>11.2f} {fwd:>10.3f} "
             f"{rows[name]['fwd_rate']:>12.1f} {train:>14.3f} {rows[name]['train_rate']:>14.1f} "
             f"{100 * rows[name]['train_rate'] / peak:>6.0f}%"
         )
-    mdit, dit = rows["MDiT-B"], rows["DiT-B/2"]
-    print(
-        f"\nMDiT-B / DiT-B/2: forward time {mdit['fwd'] / dit['fwd']:.2f}x, "
-        f"fwd+bwd time {mdit['train'] / dit['train']:.2f}x, "
-        f"FLOPs {flops['MDiT-B'][0] / flops['DiT-B/2'][0]:.2f}x"
-    )
-    fwd_ratio = mdit["fwd_rate"] / dit["fwd_rate"]
-    train_ratio = mdit["train_rate"] / dit["train_rate"]
-    print(
-        f"achieved GFLOP/s ratio (target >= 0.9): forward {fwd_ratio:.2f}, "
-        f"fwd+bwd {train_ratio:.2f}"
-    )
+    print()
+    for pair in pairs.values():
+        ours, baseline = list(pair)
+        a, b = rows[ours], rows[baseline]
+        print(
+            f"{ours} / {baseline}: forward time {a['fwd'] / b['fwd']:.2f}x, "
+            f"fwd+bwd time {a['train'] / b['train']:.2f}x, "
+            f"FLOPs {flops[ours][0] / flops[baseline][0]:.2f}x; achieved GFLOP/s ratio: "
+            f"forward {a['fwd_rate'] / b['fwd_rate']:.2f}, "
+            f"fwd+bwd {a['train_rate'] / b['train_rate']:.2f}"
+        )
 
 
 if __name__ == "__main__":

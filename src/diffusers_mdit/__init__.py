@@ -1,24 +1,29 @@
 """diffusers-mdit: MDiT and DiffiT diffusion transformers for Hugging Face diffusers."""
 
 from .models import (
+    DIFFIT_PRESETS,
+    DIFFIT_UNET_PRESETS,
     MDIT_PRESETS,
+    DiffiTTransformer2DModel,
+    DiffiTUNet2DModel,
     MDiTTransformer2DModel,
     PartialAxialRoPE,
+    from_preset,
+    list_presets,
     neighborhood_attention,
 )
 
 __version__ = "0.1.0"
 
-
-def list_presets() -> list[str]:
-    """Every model preset name accepted by a ``from_preset`` of this package."""
-    return MDiTTransformer2DModel.list_presets()
-
-
 __all__ = [
+    "DIFFIT_PRESETS",
+    "DIFFIT_UNET_PRESETS",
     "MDIT_PRESETS",
+    "DiffiTTransformer2DModel",
+    "DiffiTUNet2DModel",
     "MDiTTransformer2DModel",
     "PartialAxialRoPE",
+    "from_preset",
     "list_presets",
     "neighborhood_attention",
 ]

@@ -43,17 +43,42 @@ def forward_flops(model: torch.nn.Module, *args, **kwargs) -> int:
     return counter.get_total_flops()
 
 
-def preset_cost(
-    name: str, height: int = 32, width: int = 32, batch_size: int = 1, **overrides
+def config_cost(
+    config, height: int = 32, width: int = 32, batch_size: int = 1, **overrides
 ) -> ModelCost:
-    """Parameters and forward FLOPs of an MDiT preset, built on the meta device."""
+    """Parameters and forward FLOPs of an MDiT with ``config`` (a dict or FrozenDict) and
+    ``overrides``, built on the meta device so that every count is exact and nothing is
+    allocated."""
     from .models import MDiTTransformer2DModel
 
     with torch.device("meta"):
-        model = MDiTTransformer2DModel.from_preset(name, **overrides)
-        config = model.config
-        latents = torch.zeros(batch_size, config.in_channels, height, width)
-        timestep = torch.zeros(batch_size)
-        labels = torch.zeros(batch_size, dtype=torch.long) if config.num_classes else None
-        flops = forward_flops(model, latents, timestep, class_labels=labels)
-    return ModelCost(count_parameters(model), flops)
+        model = MDiTTransformer2DModel.from_config({**dict(config), **overrides})
+        return _meta_cost(model, height, width, batch_size)
+
+
+def preset_cost(
+    name: str,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    **overrides,
+) -> ModelCost:
+    """Parameters and forward FLOPs of any preset of the package (built on the meta device)
+    on a ``height x width`` input, by default the preset's ``sample_size``."""
+    from .models import from_preset
+
+    with torch.device("meta"):
+        model = from_preset(name, **overrides)
+        size = model.config.sample_size
+        return _meta_cost(model, height or size, width or size, batch_size)
+
+
+def _meta_cost(model: torch.nn.Module, height: int, width: int, batch_size: int) -> ModelCost:
+    config = model.config
+    sample = torch.zeros(batch_size, config.in_channels, height, width, device="meta")
+    timestep = torch.zeros(batch_size, device="meta")
+    labels = (
+        torch.zeros(batch_size, dtype=torch.long, device="meta") if config.num_classes else None
+    )
+    flops = forward_flops(model, sample, timestep, class_labels=labels)
+    return ModelCost(count_parameters(model), flops // batch_size)

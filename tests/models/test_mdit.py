@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_mdit import MDiTTransformer2DModel, list_presets
+from diffusers_mdit import MDiTTransformer2DModel
 from diffusers_mdit.models.embeddings import fourier_features, reduce_gradient_flow
 from diffusers_mdit.models.layers import merge_tokens, split_tokens
 from diffusers_mdit.profiling import count_parameters, forward_flops, preset_cost
@@ -50,7 +50,7 @@ def inputs(batch=2, channels=4, height=8, width=8, seed=0):
 # -- shapes -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", list_presets())
+@pytest.mark.parametrize("preset", MDiTTransformer2DModel.list_presets())
 def test_every_preset_layout_runs_with_tiny_widths(preset):
     model = MDiTTransformer2DModel.from_preset(preset, num_classes=10, **TINY_WIDTHS)
     x, t = inputs(height=8, width=8)
@@ -319,6 +319,11 @@ def test_preset_parameter_counts_near_paper():
     assert abs(preset_cost("MDiT-B").parameters / 133e6 - 1) < 0.02
     # Our MDiT-S must stay small enough to train on a CPU in minutes.
     assert preset_cost("MDiT-S").parameters < 10e6
+
+
+def test_mdit_b_forward_cost_near_paper():
+    # Paper: about 30 G (multiply-accumulates, as fvcore counts) per forward on 4x32x32 latents.
+    assert abs(preset_cost("MDiT-B").gmacs / 30 - 1) < 0.06
 
 
 @pytest.mark.parametrize("size", ["S", "B", "L", "XL"])

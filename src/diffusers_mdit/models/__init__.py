@@ -1,13 +1,32 @@
+from .diffit import (
+    DIFFIT_PRESETS,
+    DIFFIT_UNET_PRESETS,
+    DiffiTBlock,
+    DiffiTResBlock,
+    DiffiTTransformer2DModel,
+    DiffiTUNet2DModel,
+    TimeDependentSelfAttention,
+)
 from .mdit import MDIT_PRESETS, AggregateBlock, CoreBlock, MDiTTransformer2DModel, OuterBlock
 from .neighborhood_attention import neighborhood_attention
+from .presets import from_preset, list_presets
 from .rope import PartialAxialRoPE
 
 __all__ = [
+    "DIFFIT_PRESETS",
+    "DIFFIT_UNET_PRESETS",
     "MDIT_PRESETS",
     "AggregateBlock",
     "CoreBlock",
+    "DiffiTBlock",
+    "DiffiTResBlock",
+    "DiffiTTransformer2DModel",
+    "DiffiTUNet2DModel",
     "MDiTTransformer2DModel",
     "OuterBlock",
     "PartialAxialRoPE",
+    "TimeDependentSelfAttention",
+    "from_preset",
+    "list_presets",
     "neighborhood_attention",
 ]

@@ -33,13 +33,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from .attention import GridSelfAttention, TimeTokenCrossAttention
 from .embeddings import ConditionEmbedding, reduce_gradient_flow
 from .layers import (
     RMS_NORM_EPS,
+    FusedRMSNorm,
     ModulatedRMSNorm,
     PatchEmbed,
     Unpatch,
@@ -47,6 +47,8 @@ from .layers import (
     merge_tokens,
     split_tokens,
 )
+from .presets import PresetMixin, register_presets
+from .validation import check_class_labels, check_sample, null_labels_if_missing
 
 # --------------------------------------------------------------------------------------------
 # Blocks. Every block takes (x, G(t), condition tokens, condition mask) so the model can run,
@@ -104,13 +106,13 @@ class CoreBlock(nn.Module):
         rope_base: float,
     ):
         super().__init__()
-        self.norm1 = RMSNorm(dim, eps=RMS_NORM_EPS)
+        self.norm1 = FusedRMSNorm(dim, eps=RMS_NORM_EPS)
         self.attn = GridSelfAttention(dim, num_heads, head_dim, kernel_size, rope_pairs, rope_base)
-        self.norm2 = RMSNorm(dim, eps=RMS_NORM_EPS)
+        self.norm2 = FusedRMSNorm(dim, eps=RMS_NORM_EPS)
         self.cross_attn = TimeTokenCrossAttention(
             dim, num_heads, condition_dim, condition_token_dim, head_dim
         )
-        self.norm3 = RMSNorm(dim, eps=RMS_NORM_EPS)
+        self.norm3 = FusedRMSNorm(dim, eps=RMS_NORM_EPS)
         self.ff = geglu_feed_forward(dim, ffn_mult)
 
     def forward(self, x, time_condition, condition=None, condition_mask=None):
@@ -162,7 +164,7 @@ class AggregateBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin):
     r"""Multi-scale diffusion transformer (MDiT).
 
     Numbers from the paper: the ``{M, N, K, L}`` layouts and widths of MDiT-B and MDiT-L, head
@@ -296,7 +298,7 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             self.outer_out_blocks = nn.ModuleList(
                 OuterBlock(**outer) for _ in range(num_outer_out_blocks)
             )
-            self.norm_out = RMSNorm(outer_dim, eps=RMS_NORM_EPS)
+            self.norm_out = FusedRMSNorm(outer_dim, eps=RMS_NORM_EPS)
             self.proj_out = nn.Linear(outer_dim, out_channels, bias=False)
             patch_in, patch_out = outer_dim, outer_dim
         else:
@@ -381,40 +383,11 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self, hidden_states, class_labels, encoder_hidden_states, image_scale, aspect_ratio
     ):
         config = self.config
-        if hidden_states.ndim != 4 or hidden_states.shape[1] != config.in_channels:
-            raise ValueError(
-                f"hidden_states must be (batch, {config.in_channels}, height, width), got "
-                f"{tuple(hidden_states.shape)}. Pass latents with in_channels={config.in_channels} "
-                f"channels or build the model with in_channels={hidden_states.shape[1]}."
-            )
-        multiple = self.size_multiple
-        height, width = hidden_states.shape[-2:]
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"Height and width must be multiples of {multiple} (core patch "
-                f"{config.core_patch_size}"
-                + (" x aggregate merge 2" if self.aggregate_blocks else "")
-                + f"), got {height}x{width}. Resize or pad the input to a multiple of {multiple}."
-            )
-        if class_labels is not None:
-            if config.num_classes == 0:
-                raise ValueError(
-                    "class_labels were given but the model is unconditional (num_classes=0). "
-                    "Drop class_labels or build the model with num_classes > 0."
-                )
-            if class_labels.shape != (hidden_states.shape[0],):
-                raise ValueError(
-                    f"class_labels must have shape ({hidden_states.shape[0]},), got "
-                    f"{tuple(class_labels.shape)}."
-                )
-            out_of_range = (class_labels < 0) | (class_labels > config.num_classes)
-            # Meta tensors (parameter and FLOP counting) have no values to check.
-            if class_labels.device.type != "meta" and bool(out_of_range.any()):
-                raise ValueError(
-                    f"class_labels must lie in [0, {config.num_classes}] ({config.num_classes} is "
-                    f"the null label), got values in [{int(class_labels.min())}, "
-                    f"{int(class_labels.max())}]."
-                )
+        why = f"core patch {config.core_patch_size}" + (
+            " x aggregate merge 2" if self.aggregate_blocks else ""
+        )
+        check_sample(hidden_states, config.in_channels, self.size_multiple, why)
+        check_class_labels(class_labels, config.num_classes, hidden_states.shape[0])
         if encoder_hidden_states is not None:
             if config.cross_attention_dim is None:
                 raise ValueError(
@@ -444,10 +417,9 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _condition_tokens(self, batch, class_labels, encoder_hidden_states, encoder_attention_mask):
         tokens, masks = [], []
         if self.config.num_classes > 0:
-            if class_labels is None:
-                class_labels = torch.full(
-                    (batch,), self.config.num_classes, device=self.device, dtype=torch.long
-                )
+            class_labels = null_labels_if_missing(
+                class_labels, self.config.num_classes, batch, self.device
+            )
             embedding = self.class_embedding(class_labels)[:, None]
             tokens.append(reduce_gradient_flow(embedding, self.config.gradient_flow_scale))
             masks.append(torch.ones(batch, 1, device=embedding.device, dtype=torch.bool))
@@ -533,40 +505,6 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return (out,)
         return Transformer2DModelOutput(sample=out)
 
-    # -- presets -------------------------------------------------------------------------------
-
-    @classmethod
-    def list_presets(cls) -> list[str]:
-        """Names accepted by :meth:`from_preset`."""
-        return list(MDIT_PRESETS)
-
-    @classmethod
-    def preset_config(cls, name: str, **overrides: Any) -> dict[str, Any]:
-        """The config dict of preset ``name`` with ``overrides`` (config fields) applied."""
-        if name not in MDIT_PRESETS:
-            raise ValueError(
-                f"Unknown preset {name!r}. Available presets: {', '.join(MDIT_PRESETS)}."
-            )
-        unknown = set(overrides) - set(cls._config_fields())
-        if unknown:
-            raise ValueError(
-                f"Unknown config field(s) {sorted(unknown)} for {cls.__name__}. "
-                f"Valid fields: {', '.join(cls._config_fields())}."
-            )
-        return {**MDIT_PRESETS[name], **overrides}
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> MDiTTransformer2DModel:
-        """Build a randomly initialised model from a named preset (see :data:`MDIT_PRESETS`);
-        ``overrides`` replace config fields, e.g. ``num_classes=0`` or ``in_channels=3``."""
-        return cls(**cls.preset_config(name, **overrides))
-
-    @classmethod
-    def _config_fields(cls) -> list[str]:
-        import inspect
-
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
 
 def _validate_config(
     num_alternating_blocks,
@@ -637,3 +575,5 @@ MDIT_PRESETS: dict[str, dict[str, Any]] = {
     "DiT-L": _dit_analog(24, 1024),
     "DiT-XL": _dit_analog(27, 1152),
 }
+
+register_presets(MDiTTransformer2DModel, MDIT_PRESETS)

@@ -1,0 +1,657 @@
+"""DiffiT: "Diffusion Vision Transformers for Image Generation" (Hatamizadeh et al.), section 3.2
+and appendices H-I.
+
+Both DiffiT models are built from one block, the DiffiT Transformer block (eq. 7-8), whose
+self-attention is TMSA, time-dependent multi-head self-attention (eq. 3-6)::
+
+    q = x_s W_qs + x_t W_qt,  k = x_s W_ks + x_t W_kt,  v = x_s W_vs + x_t W_vt
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + B) V     B: relative position bias
+
+- :class:`DiffiTTransformer2DModel`, latent DiffiT (3.2.1, H.2): a DiT-like isotropic ViT on
+  VAE latents. Patch 2 with a fixed 2D sin-cos position embedding, DiffiT blocks, final
+  LayerNorm -> SiLU -> zero-initialised linear.
+- :class:`DiffiTUNet2DModel`, image-space DiffiT (3.2.2, H.1, tables S.2/S.3): a U-shaped
+  encoder/decoder of DiffiT ResBlocks ``x = DiffiTBlock(Conv3x3(Swish(GN(x))), x_t) + x`` with
+  windowed TMSA, convolutional down/up sampling and skip connections at every resolution.
+
+The time token ``x_t`` is a sinusoidal timestep embedding through an MLP with Swish; class
+conditional models add a class embedding to it (label ``num_classes`` is the null label used
+for classifier-free guidance). Grids are channels-last ``(B, H, W, C)`` inside the transformer
+blocks; the models take and return ``(B, C, H, W)``.
+
+Sections of this file: TMSA, blocks, latent model, image-space model, presets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from .layers import split_tokens
+from .presets import PresetMixin, register_presets
+from .validation import check_class_labels, check_sample, null_labels_if_missing
+
+LAYER_NORM_EPS = 1e-6
+
+# --------------------------------------------------------------------------------------------
+# TMSA
+# --------------------------------------------------------------------------------------------
+
+
+class RelativePositionBias(nn.Module):
+    """The learned relative position bias ``B`` of eq. 6, Swin style: one value per head and
+    per offset ``(dy, dx)``, ``|dy| < h``, ``|dx| < w``, a ``((2h - 1)(2w - 1), heads)`` table.
+
+    ``(h, w)`` is the attention window, or the whole token grid at the training size for global
+    attention. On a larger grid (sampling or fine-tuning at a higher resolution) offsets beyond
+    the table are clamped to its border: our choice, the paper trains and samples at one size.
+    """
+
+    def __init__(self, size: tuple[int, int], num_heads: int):
+        super().__init__()
+        self.size = tuple(size)
+        height, width = self.size
+        self.table = nn.Parameter(torch.zeros((2 * height - 1) * (2 * width - 1), num_heads))
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+
+    def index(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """``(N, N)`` table row of every (query, key) pair of a ``height x width`` grid."""
+        key = (height, width, device)
+        if key not in self._index_cache:
+            table_h, table_w = self.size
+            rows = torch.arange(height, device=device).repeat_interleave(width)
+            cols = torch.arange(width, device=device).repeat(height)
+            dy = (rows[:, None] - rows[None, :]).clamp(-(table_h - 1), table_h - 1)
+            dx = (cols[:, None] - cols[None, :]).clamp(-(table_w - 1), table_w - 1)
+            self._index_cache[key] = (dy + table_h - 1) * (2 * table_w - 1) + dx + table_w - 1
+        return self._index_cache[key]
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        """The bias ``(heads, N, N)`` of a ``height x width`` grid (``N = height * width``)."""
+        return self.table[self.index(height, width, self.table.device)].permute(2, 0, 1)
+
+
+def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W, C) -> (B * windows, wh * ww, C)``, non-overlapping windows, row-major."""
+    b, h, w, c = x.shape
+    wh, ww = window
+    x = x.reshape(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
+
+
+def window_merge(x: torch.Tensor, window: tuple[int, int], height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * windows, wh * ww, C) -> (B, H, W, C)``."""
+    wh, ww = window
+    c = x.shape[-1]
+    x = x.reshape(-1, height // wh, width // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, height, width, c)
+
+
+class TimeDependentSelfAttention(nn.Module):
+    """TMSA (eq. 3-6): the time token is projected to query, key and value and added to every
+    spatial token's projections; attention with a relative position bias, globally or inside
+    non-overlapping windows.
+
+    Args:
+        dim: Token channels.
+        num_heads: Attention heads (``dim / num_heads`` channels each).
+        time_dim: Width of the time token ``x_t``.
+        window_size: Window side for local attention, ``None`` for global attention.
+        bias_size: ``(h, w)`` extent of the relative position table: the window, or the token
+            grid at the training size for global attention.
+        qkv_bias: Bias on the spatial projections (as in DiT / ViT).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        time_dim: int,
+        window_size: int | None,
+        bias_size: tuple[int, int],
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}.")
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # W_qs, W_ks, W_vs
+        self.time_to_qkv = nn.Linear(time_dim, 3 * dim, bias=False)  # W_qt, W_kt, W_vt
+        self.relative_position_bias = RelativePositionBias(bias_size, num_heads)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, H, W, dim)``; ``time_token``: ``(B, time_dim)``."""
+        batch, height, width, dim = x.shape
+        window = (height, width) if self.window_size is None else (self.window_size,) * 2
+        if height % window[0] or width % window[1]:
+            raise ValueError(
+                f"A {height}x{width} token grid cannot be cut into {window[0]}x{window[1]} "
+                "TMSA windows; the input size must make every level's grid a multiple of its "
+                "window."
+            )
+        qkv = self.to_qkv(x) + self.time_to_qkv(time_token)[:, None, None, :]
+        qkv = window_partition(qkv, window)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias(*window).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+        out = window_merge(out.transpose(1, 2).flatten(2), window, height, width)
+        return self.to_out(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+class DiffiTBlock(nn.Module):
+    """DiffiT Transformer block (eq. 7-8): ``x = x + TMSA(LN(x), x_t)``,
+    ``x = x + MLP(LN(x))``, MLP ratio 4 with tanh-GELU (as DiT and the authors' code)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        time_dim: int,
+        window_size: int | None,
+        bias_size: tuple[int, int],
+        mlp_ratio: float = 4.0,
+        norm_elementwise_affine: bool = False,
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, LAYER_NORM_EPS, norm_elementwise_affine)
+        self.attn = TimeDependentSelfAttention(
+            dim, num_heads, time_dim, window_size, bias_size, qkv_bias
+        )
+        self.norm2 = nn.LayerNorm(dim, LAYER_NORM_EPS, norm_elementwise_affine)
+        self.mlp = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
+
+    def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), time_token)
+        return x + self.mlp(self.norm2(x))
+
+
+class DiffiTResBlock(nn.Module):
+    """Image-space residual cell (eq. 9-10): ``x^ = Conv3x3(Swish(GN(x)))``,
+    ``x = DiffiTBlock(x^, x_t) + x``. Takes and returns ``(B, H, W, C)``; the convolution
+    and group norm run on a channels-last view of the same memory."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        time_dim: int,
+        window_size: int,
+        mlp_ratio: float,
+        norm_num_groups: int,
+    ):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_num_groups, dim, eps=LAYER_NORM_EPS)
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.transformer = DiffiTBlock(
+            dim,
+            num_heads,
+            time_dim,
+            window_size,
+            (window_size, window_size),
+            mlp_ratio,
+            norm_elementwise_affine=True,
+        )
+
+    def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        h = self.conv(F.silu(self.norm(x.permute(0, 3, 1, 2)))).permute(0, 2, 3, 1)
+        return self.transformer(h, time_token) + x
+
+
+class TimeToken(nn.Module):
+    """``x_t``: sinusoidal timestep features through a Linear-Swish-Linear MLP (3.2, as DDPM),
+    plus a class embedding for class-conditional models (label ``num_classes`` = null)."""
+
+    def __init__(self, dim: int, frequency_dim: int, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.frequencies = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.mlp = TimestepEmbedding(frequency_dim, dim, act_fn="silu")
+        if num_classes > 0:
+            self.class_embedding = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, timestep: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        features = self.frequencies(timestep).to(self.mlp.linear_1.weight.dtype)
+        token = self.mlp(features)
+        if self.num_classes > 0:
+            labels = null_labels_if_missing(
+                class_labels, self.num_classes, timestep.shape[0], timestep.device
+            )
+            token = token + self.class_embedding(labels)
+        return token
+
+
+def _expand_timestep(timestep, batch: int, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+
+
+class _GradientCheckpointingMixin:
+    def _run_block(self, block: nn.Module, *args):
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# Latent DiffiT
+# --------------------------------------------------------------------------------------------
+
+
+class DiffiTTransformer2DModel(
+    ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin, _GradientCheckpointingMixin
+):
+    r"""Latent DiffiT (section 3.2.1, appendix H.2): an isotropic ViT of DiffiT blocks on VAE
+    latents.
+
+    From the paper: patch 2, width 1152, 16 heads, MLP ratio 4, TMSA with a relative position
+    bias, class conditioning, 561M parameters. Its text says depth 30, but 561M parameters (and
+    the authors' released configuration) correspond to depth 28, which the "DiffiT-XL" preset
+    uses. From the authors' code, not the paper: the time token is the time plus class
+    embedding, LayerNorms have no affine parameters, the MLP uses tanh-GELU, the position
+    embedding is DiT's fixed 2D sin-cos one and the output head is LayerNorm -> SiLU -> linear,
+    zero-initialised (so a fresh model predicts exactly 0).
+
+    The model is agnostic to the prediction target: ``out_channels = in_channels`` for epsilon,
+    x0 or velocity prediction, ``2 * in_channels`` for epsilon with a learned variance (DiT).
+
+    Parameters:
+        sample_size (`int`, defaults to 32): Training latent size; sets the extent of the
+            global relative position table (offsets beyond it are clamped at other sizes).
+        in_channels (`int`, defaults to 4): Latent channels.
+        out_channels (`int`, *optional*): Output channels; defaults to ``in_channels``.
+        patch_size (`int`, defaults to 2): Patch size.
+        hidden_size (`int`, defaults to 1152): Token width.
+        num_layers (`int`, defaults to 28): Number of DiffiT blocks.
+        num_attention_heads (`int`, defaults to 16): Heads per TMSA.
+        mlp_ratio (`float`, defaults to 4.0): MLP hidden width over token width.
+        window_size (`int`, *optional*): Local TMSA window in tokens; ``None`` (the paper's
+            latent model) attends globally.
+        num_classes (`int`, defaults to 0): Number of classes, 0 for an unconditional model.
+            Label ``num_classes`` is the null label for classifier-free guidance.
+        frequency_embedding_size (`int`, defaults to 256): Sinusoidal timestep features.
+        qkv_bias (`bool`, defaults to True): Bias on the spatial Q/K/V projections.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiffiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        num_layers: int = 28,
+        num_attention_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        window_size: int | None = None,
+        num_classes: int = 0,
+        frequency_embedding_size: int = 256,
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        _validate_common(hidden_size, num_attention_heads, num_classes, num_layers=num_layers)
+        if sample_size % patch_size:
+            raise ValueError(
+                f"sample_size={sample_size} must be a multiple of patch_size={patch_size}."
+            )
+        out_channels = out_channels or in_channels
+        grid = sample_size // patch_size
+        self.gradient_checkpointing = False
+
+        self.patch_embed = PatchEmbed(
+            height=sample_size,
+            width=sample_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=hidden_size,
+        )
+        self.time_token = TimeToken(hidden_size, frequency_embedding_size, num_classes)
+        self.blocks = nn.ModuleList(
+            DiffiTBlock(
+                hidden_size,
+                num_attention_heads,
+                hidden_size,
+                window_size,
+                (window_size, window_size) if window_size else (grid, grid),
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm_out = nn.LayerNorm(hidden_size, LAYER_NORM_EPS, elementwise_affine=False)
+        self.proj_out = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's rule: Xavier-uniform linear layers with zero biases (the patch projection as a
+        linear layer), N(0, 0.02) embeddings, timestep MLP and relative position tables, and a
+        zero-initialised output projection."""
+        _initialize_transformer_weights(self)
+        proj = self.patch_embed.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return self.config.patch_size * (self.config.window_size or 1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.LongTensor | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states: Noisy latents ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples
+                of :attr:`size_multiple`.
+            timestep: Diffusion timestep(s), scalar or ``(B,)``, in the scheduler's units.
+            class_labels: ``(B,)`` labels in ``[0, num_classes]``; ``num_classes`` (or
+                ``None``) is the null label.
+            return_dict: Return a ``Transformer2DModelOutput`` instead of a tuple.
+
+        Returns:
+            The prediction ``(B, out_channels, H, W)``.
+        """
+        config = self.config
+        why = f"patch {config.patch_size}" + (
+            f" x TMSA window {config.window_size}" if config.window_size else ""
+        )
+        check_sample(hidden_states, config.in_channels, self.size_multiple, why)
+        batch, _, height, width = hidden_states.shape
+        check_class_labels(class_labels, config.num_classes, batch)
+        timestep = _expand_timestep(timestep, batch, hidden_states.device)
+        time_token = self.time_token(timestep, class_labels)
+
+        grid = (height // config.patch_size, width // config.patch_size)
+        h = self.patch_embed(hidden_states).unflatten(1, grid)  # (B, h, w, C)
+        for block in self.blocks:
+            h = self._run_block(block, h, time_token)
+        out = self.proj_out(F.silu(self.norm_out(h)))
+        out = split_tokens(out, config.patch_size).permute(0, 3, 1, 2)
+
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+
+# --------------------------------------------------------------------------------------------
+# Image-space DiffiT
+# --------------------------------------------------------------------------------------------
+
+
+class DiffiTUNet2DModel(
+    ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin, _GradientCheckpointingMixin
+):
+    r"""Image-space DiffiT (section 3.2.2, appendices H.1 and I.1): a U-shaped encoder/decoder.
+
+    Layout (tables S.2/S.3, ``n`` levels, level ``i`` at resolution ``H / 2^i``)::
+
+        Tokenizer: Conv3x3 to block_out_channels[0]
+        encoder level i: layers_per_level[i] DiffiT ResBlocks, then (i < n-1) a Conv3x3
+            stride-2 downsampler to block_out_channels[i+1]
+        decoder level i = n-2 .. 0: upsampler (nearest x2 + Conv3x3), concatenation with the
+            encoder's level-i output (the skip), Conv1x1 to block_out_channels[i],
+            layers_per_level[i] DiffiT ResBlocks
+        Head: GroupNorm -> Swish -> Conv3x3 to out_channels (zero-initialised)
+
+    From the paper: the ResBlock, windowed TMSA (window 4 at 32x32, 8 at 64x64 on every level),
+    convolutional resampling, skips at every resolution, widths 128 then 256 (I.1: channels
+    change only from the first to the second level), ``L_i = 4`` per level. Ours (the paper
+    does not give them): the skip fusion (concatenation + 1x1 convolution, the
+    "convolutional layer to match the number of feature maps" of 3.2.2), 64-channel heads,
+    a time token of ``4 x block_out_channels[0]`` channels (DDPM's convention), 32 groups, and
+    affine LayerNorms. Table S.2's "16x16x128" after the second downsampler contradicts I.1
+    and the table's own next row (16x16x256); we follow I.1. Appendix I.1 also mentions
+    "1, 2, 2, 2" and "2" blocks per stage; the presets follow H.1's ``L_i`` (4 per level).
+
+    The decoder's last level has no ResBlocks of the bottom resolution: as in table S.3 the
+    bottom level is visited once, by the encoder.
+
+    Parameters:
+        sample_size (`int`, defaults to 32): Training image size (a default for pipelines).
+        in_channels (`int`, defaults to 3): Image channels.
+        out_channels (`int`, *optional*): Output channels; defaults to ``in_channels``.
+        block_out_channels (`tuple[int]`, defaults to (128, 256, 256)): Width of every level.
+        layers_per_level (`tuple[int]`, defaults to (4, 4, 4)): DiffiT ResBlocks per level and
+            path (``L_i``).
+        window_size (`int` or `tuple[int]`, defaults to 4): TMSA window, one for all levels
+            or one per level.
+        attention_head_dim (`int`, defaults to 64): Channels per head.
+        mlp_ratio (`float`, defaults to 4.0): MLP hidden width over block width.
+        time_embedding_dim (`int`, *optional*): Time token width; defaults to
+            ``4 * block_out_channels[0]``.
+        frequency_embedding_size (`int`, defaults to 128): Sinusoidal timestep features.
+        norm_num_groups (`int`, defaults to 32): GroupNorm groups.
+        num_classes (`int`, defaults to 0): Number of classes, 0 for unconditional (the
+            paper's image-space models are unconditional).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiffiTResBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        block_out_channels: tuple[int, ...] = (128, 256, 256),
+        layers_per_level: tuple[int, ...] = (4, 4, 4),
+        window_size: int | tuple[int, ...] = 4,
+        attention_head_dim: int = 64,
+        mlp_ratio: float = 4.0,
+        time_embedding_dim: int | None = None,
+        frequency_embedding_size: int = 128,
+        norm_num_groups: int = 32,
+        num_classes: int = 0,
+    ):
+        super().__init__()
+        levels = len(block_out_channels)
+        windows = _per_level(window_size, levels, "window_size")
+        if len(layers_per_level) != levels:
+            raise ValueError(
+                f"layers_per_level has {len(layers_per_level)} entries but block_out_channels "
+                f"has {levels}; give one block count per level."
+            )
+        for width in block_out_channels:
+            _validate_common(width, width // attention_head_dim, num_classes, attention_head_dim)
+            if width % norm_num_groups:
+                raise ValueError(
+                    f"Every block_out_channels entry must be divisible by norm_num_groups="
+                    f"{norm_num_groups}, got {width}."
+                )
+        out_channels = out_channels or in_channels
+        time_dim = time_embedding_dim or 4 * block_out_channels[0]
+        self.gradient_checkpointing = False
+
+        def res_blocks(level: int) -> nn.ModuleList:
+            width = block_out_channels[level]
+            return nn.ModuleList(
+                DiffiTResBlock(
+                    width,
+                    width // attention_head_dim,
+                    time_dim,
+                    windows[level],
+                    mlp_ratio,
+                    norm_num_groups,
+                )
+                for _ in range(layers_per_level[level])
+            )
+
+        self.time_token = TimeToken(time_dim, frequency_embedding_size, num_classes)
+        self.tokenizer = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
+        self.encoder_levels = nn.ModuleList(res_blocks(i) for i in range(levels))
+        self.downsamplers = nn.ModuleList(
+            nn.Conv2d(block_out_channels[i], block_out_channels[i + 1], 3, stride=2, padding=1)
+            for i in range(levels - 1)
+        )
+        self.upsamplers = nn.ModuleList(
+            nn.Conv2d(block_out_channels[i + 1], block_out_channels[i + 1], 3, padding=1)
+            for i in range(levels - 1)
+        )
+        self.skip_fusions = nn.ModuleList(
+            nn.Conv2d(block_out_channels[i + 1] + block_out_channels[i], block_out_channels[i], 1)
+            for i in range(levels - 1)
+        )
+        self.decoder_levels = nn.ModuleList(res_blocks(i) for i in range(levels - 1))
+        self.norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=LAYER_NORM_EPS)
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Transformer parts as the latent model; convolutions keep PyTorch's default; the
+        output convolution is zero-initialised, so a fresh model predicts exactly 0."""
+        _initialize_transformer_weights(self)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        windows = _per_level(self.config.window_size, len(self.config.block_out_channels), "")
+        return math.lcm(*(2**level * window for level, window in enumerate(windows)))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.LongTensor | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states: Noisy images ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples
+                of :attr:`size_multiple`.
+            timestep: Diffusion timestep(s) or noise levels, scalar or ``(B,)``.
+            class_labels: ``(B,)`` labels in ``[0, num_classes]`` for class-conditional models.
+            return_dict: Return a ``UNet2DOutput`` instead of a tuple.
+
+        Returns:
+            The prediction ``(B, out_channels, H, W)``.
+        """
+        config = self.config
+        why = "2^(levels-1) downsamplings x each level's TMSA window"
+        check_sample(hidden_states, config.in_channels, self.size_multiple, why)
+        batch = hidden_states.shape[0]
+        check_class_labels(class_labels, config.num_classes, batch)
+        timestep = _expand_timestep(timestep, batch, hidden_states.device)
+        time_token = self.time_token(timestep, class_labels)
+
+        # (B, H, W, C) memory throughout; convolutions see channels-last NCHW views.
+        def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+        h = conv(self.tokenizer, hidden_states.permute(0, 2, 3, 1))
+        skips = []
+        for level, blocks in enumerate(self.encoder_levels):
+            for block in blocks:
+                h = self._run_block(block, h, time_token)
+            if level < len(self.downsamplers):
+                skips.append(h)
+                h = conv(self.downsamplers[level], h)
+        for level in reversed(range(len(self.decoder_levels))):
+            h = F.interpolate(h.permute(0, 3, 1, 2), scale_factor=2.0, mode="nearest")
+            h = conv(self.upsamplers[level], h.permute(0, 2, 3, 1))
+            h = conv(self.skip_fusions[level], torch.cat([h, skips[level]], dim=-1))
+            for block in self.decoder_levels[level]:
+                h = self._run_block(block, h, time_token)
+        out = self.conv_out(F.silu(self.norm_out(h.permute(0, 3, 1, 2))))
+        out = out.contiguous()
+
+        if not return_dict:
+            return (out,)
+        return UNet2DOutput(sample=out)
+
+
+def _per_level(value: int | tuple[int, ...], levels: int, name: str) -> tuple[int, ...]:
+    values = (value,) * levels if isinstance(value, int) else tuple(value)
+    if len(values) != levels:
+        raise ValueError(f"{name} needs one value or one per level ({levels}), got {value!r}.")
+    return values
+
+
+def _validate_common(dim: int, num_heads: int, num_classes: int, head_dim=None, num_layers=0):
+    if num_heads < 1 or dim % num_heads or (head_dim and dim % head_dim):
+        per_head = f"attention_head_dim={head_dim}" if head_dim else f"{num_heads} heads"
+        raise ValueError(f"Width {dim} must be a positive multiple of {per_head}.")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}.")
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}.")
+
+
+def _initialize_transformer_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RelativePositionBias):
+            nn.init.trunc_normal_(module.table, std=0.02)
+    for module in model.modules():
+        if isinstance(module, TimeToken):
+            nn.init.normal_(module.mlp.linear_1.weight, std=0.02)
+            nn.init.normal_(module.mlp.linear_2.weight, std=0.02)
+            if module.num_classes > 0:
+                nn.init.normal_(module.class_embedding.weight, std=0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+DIFFIT_PRESETS: dict[str, dict[str, Any]] = {
+    # Paper (H.2, table 9): ImageNet-256 latents, 561M parameters; depth 28, see the class
+    # docstring.
+    "DiffiT-XL": dict(hidden_size=1152, num_layers=28, num_attention_heads=16, num_classes=1000),
+    # Ours: trains on a laptop CPU in minutes at 16x16 latents, like MDiT-S.
+    "DiffiT-S": dict(
+        sample_size=16, hidden_size=256, num_layers=6, num_attention_heads=4, num_classes=1000
+    ),
+}
+
+DIFFIT_UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # Paper (H.1, I.1): unconditional CIFAR-10 32x32, 3 levels, window 4.
+    "DiffiT-CIFAR10": dict(
+        sample_size=32,
+        block_out_channels=(128, 256, 256),
+        layers_per_level=(4, 4, 4),
+        window_size=4,
+    ),
+    # Paper (H.1, I.1, tables S.2/S.3): unconditional FFHQ 64x64, 4 levels, window 8.
+    "DiffiT-FFHQ64": dict(
+        sample_size=64,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_level=(4, 4, 4, 4),
+        window_size=8,
+    ),
+}
+
+register_presets(DiffiTTransformer2DModel, DIFFIT_PRESETS)
+register_presets(DiffiTUNet2DModel, DIFFIT_UNET_PRESETS)

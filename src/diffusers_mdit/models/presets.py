@@ -1,0 +1,67 @@
+"""Named model presets: ``Model.from_preset(name, **config_overrides)``, shared by every model
+family of the package, and a registry to find a preset's model class by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+# preset name -> the model class that owns it, filled by :func:`register_presets`.
+PRESET_OWNERS: dict[str, type] = {}
+
+
+class PresetMixin:
+    """Adds :meth:`list_presets`, :meth:`preset_config` and :meth:`from_preset` to a
+    ``ConfigMixin`` model. Tables are attached with :func:`register_presets`."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def list_presets(cls) -> list[str]:
+        """Names accepted by :meth:`from_preset`."""
+        return list(cls.presets)
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> dict[str, Any]:
+        """The config dict of preset ``name`` with ``overrides`` (config fields) applied."""
+        if name not in cls.presets:
+            owner = PRESET_OWNERS.get(name)
+            hint = f" {name!r} is a preset of {owner.__name__}." if owner else ""
+            raise ValueError(
+                f"Unknown {cls.__name__} preset {name!r}.{hint} Available presets: "
+                f"{', '.join(cls.presets)}."
+            )
+        fields = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = set(overrides) - set(fields)
+        if unknown:
+            raise ValueError(
+                f"Unknown config field(s) {sorted(unknown)} for {cls.__name__}. "
+                f"Valid fields: {', '.join(fields)}."
+            )
+        return {**cls.presets[name], **overrides}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any):
+        """Build a randomly initialised model from the named preset; ``overrides`` replace
+        config fields, e.g. ``num_classes=0`` (unconditional) or ``in_channels=3``."""
+        return cls(**cls.preset_config(name, **overrides))
+
+
+def register_presets(cls: type[PresetMixin], presets: dict[str, dict[str, Any]]) -> None:
+    """Attach a preset table to ``cls`` and record its names in :data:`PRESET_OWNERS`."""
+    cls.presets = presets
+    for name in presets:
+        PRESET_OWNERS[name] = cls
+
+
+def from_preset(name: str, **overrides: Any):
+    """Build any model of the package from its preset name (see :func:`list_presets`)."""
+    if name not in PRESET_OWNERS:
+        raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(PRESET_OWNERS)}.")
+    return PRESET_OWNERS[name].from_preset(name, **overrides)
+
+
+def list_presets() -> list[str]:
+    """Every preset name of every model family in the package."""
+    return list(PRESET_OWNERS)
