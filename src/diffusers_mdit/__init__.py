@@ -12,6 +12,7 @@ from .models import (
     list_presets,
     neighborhood_attention,
 )
+from .pipelines import DiffiTPipeline, MDiTPipeline, MDiTTextToImagePipeline
 
 __version__ = "0.1.0"
 
@@ -19,8 +20,11 @@ __all__ = [
     "DIFFIT_PRESETS",
     "DIFFIT_UNET_PRESETS",
     "MDIT_PRESETS",
+    "DiffiTPipeline",
     "DiffiTTransformer2DModel",
     "DiffiTUNet2DModel",
+    "MDiTPipeline",
+    "MDiTTextToImagePipeline",
     "MDiTTransformer2DModel",
     "PartialAxialRoPE",
     "from_preset",

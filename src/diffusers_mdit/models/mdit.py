@@ -272,6 +272,7 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMi
         has_condition_tokens = num_classes > 0 or cross_attention_dim is not None
         condition_token_dim = (cross_attention_dim or core_dim) if has_condition_tokens else None
         self.has_outer_level = num_outer_in_blocks + num_outer_out_blocks > 0
+        self.core_resample_factor = 1
         self.gradient_checkpointing = False
 
         self.condition_embedding = ConditionEmbedding(
@@ -412,7 +413,28 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMi
     @property
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
-        return self.config.core_patch_size * (2 if len(self.aggregate_blocks) else 1)
+        aggregate = 2 if len(self.aggregate_blocks) else 1
+        return self.config.core_patch_size * aggregate * self.core_resample_factor
+
+    def set_core_resample_factor(self, factor: int) -> None:
+        """Run the core at ``1 / factor`` of its usual resolution: average pooling before the
+        core patch embedding, bilinear upsampling after its un-patching (HiDiffusion as
+        adapted in appendix J.2, for sampling far above the training size). ``1`` restores
+        the normal model. A run-time setting, not saved in the config."""
+        if factor < 1:
+            raise ValueError(f"The core resample factor must be >= 1, got {factor}.")
+        self.core_resample_factor = int(factor)
+
+    def _resample(self, h: torch.Tensor, down: bool) -> torch.Tensor:
+        factor = self.core_resample_factor
+        if factor == 1:
+            return h
+        h = h.permute(0, 3, 1, 2)
+        if down:
+            h = F.avg_pool2d(h, factor)
+        else:
+            h = F.interpolate(h, scale_factor=factor, mode="bilinear", align_corners=False)
+        return h.permute(0, 2, 3, 1)
 
     def _condition_tokens(self, batch, class_labels, encoder_hidden_states, encoder_attention_mask):
         tokens, masks = [], []
@@ -489,16 +511,17 @@ class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMi
             h = self.proj_in(h)
             for block in self.outer_in_blocks:
                 h = self._run_block(block, h, *args)
-        core = self.core_patch_embed(h)
+        core = self.core_patch_embed(self._resample(h, down=True))
         for block in self.core_sequence():
             core = self._run_block(block, core, *args)
+        core = self._resample(self.core_unpatch(core), down=False)
         if self.has_outer_level:
-            h = h + self.core_unpatch(core)
+            h = h + core
             for block in self.outer_out_blocks:
                 h = self._run_block(block, h, *args)
             out = self.proj_out(self.norm_out(h))
         else:
-            out = self.core_unpatch(core)
+            out = core
         out = out.permute(0, 3, 1, 2)
 
         if not return_dict:

@@ -1,0 +1,221 @@
+"""MDiTPipeline: class-conditional and unconditional sampling with an MDiT model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from diffusers.models import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+
+from ..models import MDiTTransformer2DModel
+from .base import TransformerDiffusionPipeline
+
+
+def batch_labels(
+    class_labels: int | list[int] | torch.Tensor | None,
+    batch_size: int,
+    num_images_per_prompt: int,
+    num_classes: int,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, int]:
+    """Labels repeated ``num_images_per_prompt`` times (``None`` for unconditional models),
+    and the resulting batch size. Without labels a class-conditional model samples the null
+    class ``num_classes``."""
+    if class_labels is None:
+        batch = batch_size * num_images_per_prompt
+        if num_classes == 0:
+            return None, batch
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device), batch
+    if num_classes == 0:
+        raise ValueError(
+            "class_labels were given but the model is unconditional (num_classes=0); "
+            "call the pipeline with batch_size=... instead."
+        )
+    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if bool(((labels < 0) | (labels > num_classes)).any()):
+        raise ValueError(
+            f"class_labels must lie in [0, {num_classes}] ({num_classes} = null), got "
+            f"{labels.tolist()}."
+        )
+    labels = labels.repeat_interleave(num_images_per_prompt).to(device)
+    return labels, labels.numel()
+
+
+class MDiTPipeline(TransformerDiffusionPipeline):
+    r"""Sampling with :class:`~diffusers_mdit.MDiTTransformer2DModel`, class-conditional or
+    unconditional, in latent space (with ``vae``) or pixel space (without).
+
+    Args:
+        transformer: The MDiT model.
+        scheduler: A diffusers scheduler: ``DDIMScheduler`` (``prediction_type="sample"``,
+            ``clip_sample=False``, ``timestep_spacing="trailing"``) for x0 models as in the
+            paper, ``DDPMScheduler`` for epsilon models, ``FlowMatchEulerDiscreteScheduler``
+            for rectified flow.
+        vae: Optional ``AutoencoderKL``; its ``scaling_factor`` is read from its config.
+    """
+
+    def __init__(
+        self,
+        transformer: MDiTTransformer2DModel,
+        scheduler: KarrasDiffusionSchedulers,
+        vae: AutoencoderKL | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self._setup_image_processor()
+
+    @contextlib.contextmanager
+    def _core_attention(self, attention: str | None, kernel_size: int | None):
+        """Switch the core's self-attention for one call and restore it afterwards."""
+        if attention is None:
+            yield
+            return
+        config = self.transformer.config
+        previous = (config.core_attention_type, config.core_kernel_size)
+        self.transformer.set_core_attention(attention, kernel_size)
+        try:
+            yield
+        finally:
+            self.transformer.set_core_attention(*previous)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        batch_size: int = 1,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        guidance_schedule: str = "constant",
+        guidance_power: float = 4.0,
+        guidance_channels: int | None = None,
+        eta: float = 1.0,
+        image_scale: float | None = None,
+        aspect_ratio: float | None = None,
+        negative_image_scale: float | None = None,
+        dynamic_thresholding: tuple[float, float] | None = None,
+        core_attention: str | None = None,
+        core_kernel_size: int | None = None,
+        core_patch_schedule: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images.
+
+        Args:
+            class_labels: Class id(s) for a class-conditional model (``num_classes`` = null).
+            batch_size: Number of images for an unconditional model.
+            num_images_per_prompt: Images per class label.
+            height, width: Output size in pixels; defaults to the model's ``sample_size``
+                times the VAE factor. Any multiple of the model's and VAE's factors works,
+                non-square included.
+            num_inference_steps: Denoising steps.
+            guidance_scale: Classifier-free guidance scale; 1 disables guidance (the paper
+                samples ImageNet with 3.0).
+            guidance_schedule: ``"constant"`` or ``"power-cosine"`` (scale ramps up over the
+                steps; ``guidance_power`` sets the ramp).
+            guidance_channels: Guide only the first channels (DiT's 3-channel guidance).
+            eta: DDIM's eta (the paper samples with 1.0); ignored by other schedulers.
+            image_scale, aspect_ratio: Auxiliary conditions for models built with
+                ``use_aux_conditions=True`` (G.4); ``None`` = dropped.
+            negative_image_scale: Image scale of the unconditional branch ("negative
+                conditioning", H.1: 0.75 removes the blur of high guidance); also enables
+                guidance for models without classes.
+            dynamic_thresholding: ``(p, s)``: clip predicted x0 at the ``p`` quantile and scale
+                to ``[-s, s]`` (H.1 uses ``(0.9, 1.4)``).
+            core_attention: ``"neighborhood"`` or ``"global"`` core attention for this call
+                (neighborhood with ``core_kernel_size`` for sizes above the training size).
+            core_patch_schedule: HiDiffusion-style schedule (J.2): for the first
+                ``core_patch_schedule`` fraction of the steps the core runs at half
+                resolution (pooled in, bilinearly upsampled out).
+            generator: ``torch.Generator``(s) for reproducible sampling.
+            latents: Initial noise ``(B, C, h, w)`` instead of sampling it.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: Return an ``ImagePipelineOutput`` instead of a tuple.
+            callback_on_step_end: ``fn(pipeline, step, timestep, tensors) -> dict`` after every
+                step; a returned ``"latents"`` replaces the current latents.
+            callback_on_step_end_tensor_inputs: Names of tensors passed to the callback.
+        """
+        model = self.transformer
+        config = model.config
+        height = height or self.default_size()
+        width = width or self.default_size()
+        device = self._execution_device
+        self.check_common_inputs(
+            height, width, num_inference_steps, output_type, callback_on_step_end_tensor_inputs
+        )
+        if (image_scale, aspect_ratio, negative_image_scale) != (None,) * 3 and not (
+            config.use_aux_conditions
+        ):
+            raise ValueError(
+                "image_scale / aspect_ratio / negative_image_scale need a model built with "
+                "use_aux_conditions=True."
+            )
+        labels, batch = batch_labels(
+            class_labels, batch_size, num_images_per_prompt, config.num_classes, device
+        )
+
+        def aux(value):
+            return None if value is None else torch.full((batch,), float(value), device=device)
+
+        conditional = {
+            "class_labels": labels,
+            "image_scale": aux(image_scale),
+            "aspect_ratio": aux(aspect_ratio),
+        }
+        unconditional = None
+        if guidance_scale != 1.0:
+            if config.num_classes == 0 and negative_image_scale is None:
+                raise ValueError(
+                    "guidance_scale != 1 needs an unconditional branch: a class-conditional "
+                    "model or negative_image_scale. Use guidance_scale=1.0."
+                )
+            unconditional = dict(conditional)
+            if labels is not None:
+                unconditional["class_labels"] = torch.full_like(labels, config.num_classes)
+            if negative_image_scale is not None:
+                unconditional["image_scale"] = aux(negative_image_scale)
+        conditional = {k: v for k, v in conditional.items() if v is not None}
+        if unconditional is not None:
+            unconditional = {k: v for k, v in unconditional.items() if v is not None}
+
+        latents = self.prepare_latents(batch, height, width, generator, latents)
+
+        def before_step(step: int, total: int) -> None:
+            if core_patch_schedule is not None:
+                model.set_core_resample_factor(2 if step < core_patch_schedule * total else 1)
+
+        try:
+            with self._core_attention(core_attention, core_kernel_size):
+                latents = self.sample(
+                    latents,
+                    conditional,
+                    unconditional,
+                    num_inference_steps,
+                    guidance_scale,
+                    guidance_schedule,
+                    guidance_power,
+                    guidance_channels,
+                    eta,
+                    generator,
+                    dynamic_thresholding,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    before_step,
+                )
+        finally:
+            model.set_core_resample_factor(1)
+        images = self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,169 @@
+"""MDiTTextToImagePipeline: text-conditioned MDiT with a T5 encoder (the paper's CC3M setup)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.models import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import PreTrainedTokenizerBase, T5EncoderModel
+
+from ..models import MDiTTransformer2DModel
+from .base import TransformerDiffusionPipeline
+
+
+class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
+    r"""Text-to-image sampling with an MDiT built with ``cross_attention_dim`` equal to the text
+    encoder's width (1024 for FLAN-T5-L).
+
+    Prompts are tokenised to at most ``max_sequence_length`` tokens (16, as the paper's CC3M
+    captions) and padded to that length; padding is masked out of the cross-attention. The
+    unconditional branch of classifier-free guidance is the negative prompt when given, else
+    no text at all (every text token masked: the model attends to its null and time tokens
+    only), which is what caption dropout trains.
+
+    Args:
+        transformer: The MDiT model (``cross_attention_dim`` set).
+        scheduler: A diffusers scheduler (see :class:`MDiTPipeline`).
+        text_encoder: A ``T5EncoderModel``.
+        tokenizer: Its tokenizer.
+        vae: Optional ``AutoencoderKL``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(
+        self,
+        transformer: MDiTTransformer2DModel,
+        scheduler: KarrasDiffusionSchedulers,
+        text_encoder: T5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vae: AutoencoderKL | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            vae=vae,
+        )
+        self._setup_image_processor()
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings (B, S, D), attention mask (B, S))`` of the prompts, each repeated
+        ``num_images_per_prompt`` times."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = self._execution_device
+        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        embeddings = self.text_encoder(ids, attention_mask=mask).last_hidden_state
+        embeddings = embeddings.to(self.transformer.dtype)
+        return (
+            embeddings.repeat_interleave(num_images_per_prompt, 0),
+            mask.repeat_interleave(num_images_per_prompt, 0),
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.0,
+        guidance_schedule: str = "constant",
+        guidance_power: float = 4.0,
+        guidance_channels: int | None = None,
+        eta: float = 1.0,
+        max_sequence_length: int = 16,
+        dynamic_thresholding: tuple[float, float] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images from text.
+
+        Args:
+            prompt: Prompt(s).
+            negative_prompt: Prompt(s) for the unconditional branch; ``None`` = no text.
+            max_sequence_length: Token budget per prompt (16 in the paper).
+            Other arguments: as :meth:`MDiTPipeline.__call__`.
+        """
+        config = self.transformer.config
+        if config.cross_attention_dim is None:
+            raise ValueError(
+                "The transformer has no text conditioning; build it with cross_attention_dim "
+                "set to the text encoder width."
+            )
+        height = height or self.default_size()
+        width = width or self.default_size()
+        self.check_common_inputs(
+            height, width, num_inference_steps, output_type, callback_on_step_end_tensor_inputs
+        )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is not None:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts."
+                )
+        embeddings, mask = self.encode_prompt(prompts, num_images_per_prompt, max_sequence_length)
+        conditional = {"encoder_hidden_states": embeddings, "encoder_attention_mask": mask}
+        unconditional = None
+        if guidance_scale != 1.0:
+            if negative_prompt is None:
+                unconditional = {
+                    "encoder_hidden_states": torch.zeros_like(embeddings),
+                    "encoder_attention_mask": torch.zeros_like(mask),
+                }
+            else:
+                neg, neg_mask = self.encode_prompt(
+                    negatives, num_images_per_prompt, max_sequence_length
+                )
+                unconditional = {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask}
+        if config.num_classes:
+            null = torch.full((embeddings.shape[0],), config.num_classes, device=embeddings.device)
+            conditional["class_labels"] = null
+            if unconditional is not None:
+                unconditional["class_labels"] = null
+
+        latents = self.prepare_latents(embeddings.shape[0], height, width, generator, latents)
+        latents = self.sample(
+            latents,
+            conditional,
+            unconditional,
+            num_inference_steps,
+            guidance_scale,
+            guidance_schedule,
+            guidance_power,
+            guidance_channels,
+            eta,
+            generator,
+            dynamic_thresholding,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        images = self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
