@@ -7,12 +7,13 @@ import time
 
 import torch
 
-from .models import MDiTTransformer2DModel
+from .models import DiffiTTransformer2DModel, DiffiTUNet2DModel, MDiTTransformer2DModel
 from .profiling import config_cost, count_parameters, preset_cost
 
 # Figures quoted by the MDiT paper (section 5.5 tables 3-4, F.1, G.5), for comparison only.
 PAPER_FIGURES = {
     "MDiT-B": "111M uncond. (FFHQ) / 133M class-cond. (ImageNet); 30 G per forward",
+    "DiffiT-XL": "561M; 114 G per forward (table 9)",
 }
 
 
@@ -30,6 +31,23 @@ def preset_table(height: int = 32, width: int = 32) -> str:
             f"{unconditional.parameters / 1e6:>16.1f}M "
             f"{conditional.gmacs:>8.2f} {conditional.gflops:>8.2f}  {PAPER_FIGURES.get(name, '')}"
         )
+    return "\n".join(rows)
+
+
+def diffit_table() -> str:
+    """Parameters and forward cost of every DiffiT preset at its training size."""
+    rows = [f"{'preset':<15} {'model':<25} {'input':>9} {'params':>9} {'GMACs':>8}  paper"]
+    for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel):
+        for name in cls.list_presets():
+            cost = preset_cost(name)
+            config = cls.preset_config(name)
+            channels = config.get("in_channels", 4 if cls is DiffiTTransformer2DModel else 3)
+            size = config.get("sample_size", 32)
+            shape = f"{channels}x{size}x{size}"
+            rows.append(
+                f"{name:<15} {cls.__name__:<25} {shape:>9} {cost.parameters / 1e6:>8.1f}M "
+                f"{cost.gmacs:>8.2f}  {PAPER_FIGURES.get(name, '')}"
+            )
     return "\n".join(rows)
 
 
@@ -79,6 +97,8 @@ def demo(argv: list[str] | None = None) -> None:
             "(built on the meta device):"
         )
         print(preset_table(args.resolution, args.resolution))
+        print("\nDiffiT presets at their training size (class-conditional where the preset is):")
+        print(diffit_table())
 
 
 if __name__ == "__main__":
