@@ -227,6 +227,8 @@ def test_bad_sizes_and_output_types():
         pipe(class_labels=[1], output_type="jpeg")
     with pytest.raises(ValueError, match=r"\[0, 10\]"):
         pipe(class_labels=[11])
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe(class_labels=[1], height=12, width=12, core_patch_schedule=0.5)
 
 
 # -- text to image --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .guidance import (
@@ -31,6 +31,25 @@ from .guidance import (
 )
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# Call arguments every pipeline forwards unchanged to :meth:`TransformerDiffusionPipeline.sample`.
+SAMPLING_ARGUMENTS = (
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_schedule",
+    "guidance_power",
+    "guidance_channels",
+    "eta",
+    "generator",
+    "dynamic_thresholding",
+    "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs",
+)
+
+
+def sampling_arguments(call_arguments: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`SAMPLING_ARGUMENTS` among a pipeline call's arguments (its ``locals()``)."""
+    return {name: call_arguments[name] for name in SAMPLING_ARGUMENTS}
 
 
 class TransformerDiffusionPipeline(DiffusionPipeline):
@@ -175,6 +194,26 @@ class TransformerDiffusionPipeline(DiffusionPipeline):
                 results = callback_on_step_end(self, i, t, {n: available[n] for n in names})
                 latents = results.pop("latents", latents)
         return latents
+
+    def generate(
+        self,
+        latents: torch.Tensor,
+        conditional: dict[str, Any],
+        unconditional: dict[str, Any] | None,
+        sampling: dict[str, Any],
+        output_type: str,
+        return_dict: bool,
+        before_step: Callable[[int, int], None] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """:meth:`sample`, :meth:`decode`, and the pipeline output."""
+        latents = self.sample(
+            latents, conditional, unconditional, before_step=before_step, **sampling
+        )
+        images = self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
 
     # -- output --------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
-from .base import TransformerDiffusionPipeline
+from .base import TransformerDiffusionPipeline, sampling_arguments
 from .pipeline_mdit import batch_labels
 
 
@@ -63,6 +63,7 @@ class DiffiTPipeline(TransformerDiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images; arguments as :meth:`MDiTPipeline.__call__` (``eta`` defaults to
         0, deterministic DDIM)."""
+        sampling = sampling_arguments(locals())
         config = self.transformer.config
         height = height or self.default_size()
         width = width or self.default_size()
@@ -83,23 +84,6 @@ class DiffiTPipeline(TransformerDiffusionPipeline):
             unconditional = {"class_labels": torch.full_like(labels, config.num_classes)}
 
         latents = self.prepare_latents(batch, height, width, generator, latents)
-        latents = self.sample(
-            latents,
-            conditional,
-            unconditional,
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            guidance_power,
-            guidance_channels,
-            eta,
-            generator,
-            dynamic_thresholding,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+        return self.generate(
+            latents, conditional, unconditional, sampling, output_type, return_dict
         )
-        images = self.decode(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)

@@ -11,7 +11,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from ..models import MDiTTransformer2DModel
-from .base import TransformerDiffusionPipeline
+from .base import TransformerDiffusionPipeline, sampling_arguments
 
 
 def batch_labels(
@@ -145,6 +145,7 @@ class MDiTPipeline(TransformerDiffusionPipeline):
                 step; a returned ``"latents"`` replaces the current latents.
             callback_on_step_end_tensor_inputs: Names of tensors passed to the callback.
         """
+        sampling = sampling_arguments(locals())
         model = self.transformer
         config = model.config
         height = height or self.default_size()
@@ -160,6 +161,13 @@ class MDiTPipeline(TransformerDiffusionPipeline):
                 "image_scale / aspect_ratio / negative_image_scale need a model built with "
                 "use_aux_conditions=True."
             )
+        if core_patch_schedule is not None:
+            multiple = 2 * self.vae_scale_factor * model.size_multiple
+            if height % multiple or width % multiple:
+                raise ValueError(
+                    f"core_patch_schedule halves the core resolution, so height and width must "
+                    f"be multiples of {multiple}, got {height}x{width}."
+                )
         labels, batch = batch_labels(
             class_labels, batch_size, num_images_per_prompt, config.num_classes, device
         )
@@ -196,26 +204,14 @@ class MDiTPipeline(TransformerDiffusionPipeline):
 
         try:
             with self._core_attention(core_attention, core_kernel_size):
-                latents = self.sample(
+                return self.generate(
                     latents,
                     conditional,
                     unconditional,
-                    num_inference_steps,
-                    guidance_scale,
-                    guidance_schedule,
-                    guidance_power,
-                    guidance_channels,
-                    eta,
-                    generator,
-                    dynamic_thresholding,
-                    callback_on_step_end,
-                    callback_on_step_end_tensor_inputs,
+                    sampling,
+                    output_type,
+                    return_dict,
                     before_step,
                 )
         finally:
             model.set_core_resample_factor(1)
-        images = self.decode(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)

@@ -11,7 +11,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models import MDiTTransformer2DModel
-from .base import TransformerDiffusionPipeline
+from .base import TransformerDiffusionPipeline, sampling_arguments
 
 
 class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
@@ -108,6 +108,7 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
             max_sequence_length: Token budget per prompt (16 in the paper).
             Other arguments: as :meth:`MDiTPipeline.__call__`.
         """
+        sampling = sampling_arguments(locals())
         config = self.transformer.config
         if config.cross_attention_dim is None:
             raise ValueError(
@@ -147,23 +148,6 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
                 unconditional["class_labels"] = null
 
         latents = self.prepare_latents(embeddings.shape[0], height, width, generator, latents)
-        latents = self.sample(
-            latents,
-            conditional,
-            unconditional,
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            guidance_power,
-            guidance_channels,
-            eta,
-            generator,
-            dynamic_thresholding,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+        return self.generate(
+            latents, conditional, unconditional, sampling, output_type, return_dict
         )
-        images = self.decode(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
