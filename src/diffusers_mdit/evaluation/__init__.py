@@ -1,0 +1,3 @@
+from .digits import DigitsClassifier
+
+__all__ = ["DigitsClassifier"]

@@ -1,0 +1,138 @@
+"""Training data: the built-in digits, image datasets through Hugging Face ``datasets``.
+
+Every dataset yields ``{"pixel_values": (C, R, R) float in [-1, 1], "class_labels": int}``
+(``class_labels`` is -1 for unlabelled data), the layout pixel-space training and VAE encoding
+both take.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+DIGITS_CLASSES = 10
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 grey images of 10 classes
+    (no download), bilinearly upsampled to ``resolution`` and repeated to ``channels``.
+
+    Args:
+        resolution: Output size (8 keeps the originals; 16 or 32 for the demo models).
+        channels: 1 (grey) or 3 (grey repeated, for models built for RGB).
+        indices: Optional subset of the 1,797 images (e.g. a train/held-out split).
+    """
+
+    def __init__(self, resolution: int = 16, channels: int = 3, indices=None):
+        from sklearn.datasets import load_digits
+
+        if channels not in (1, 3):
+            raise ValueError(
+                f"The digits are grey images: channels must be 1 or 3, got {channels}."
+            )
+        if resolution < 8 or resolution % 8:
+            raise ValueError(f"Digits resolution must be a multiple of 8, got {resolution}.")
+        digits = load_digits()
+        images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)  # [0, 1]
+        labels = torch.from_numpy(digits.target.astype(np.int64))
+        if indices is not None:
+            images, labels = images[indices], labels[indices]
+        images = images[:, None]
+        if resolution != 8:
+            images = F.interpolate(images, size=resolution, mode="bilinear", align_corners=False)
+        self.images = (images * 2 - 1).clamp(-1, 1).repeat(1, channels, 1, 1)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        return {"pixel_values": self.images[index], "class_labels": int(self.labels[index])}
+
+
+class ImageDataset(Dataset):
+    """Images from a Hugging Face dataset name or an ``imagefolder`` directory, resized
+    (shorter side), center-cropped to ``resolution`` and optionally flipped at random.
+
+    Args:
+        dataset_name: A dataset on the Hub or in the ``datasets`` cache.
+        train_data_dir: A local folder (``imagefolder`` layout: class sub-folders give labels).
+        resolution: Square output size.
+        channels: 3 (RGB) or 1 (grey); images are converted.
+        random_flip: Horizontal flips with probability 0.5.
+        image_column, label_column: Column names; a missing label column means unlabelled.
+        split: Dataset split.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str | None = None,
+        train_data_dir: str | None = None,
+        resolution: int = 32,
+        channels: int = 3,
+        random_flip: bool = False,
+        image_column: str = "image",
+        label_column: str = "label",
+        split: str = "train",
+    ):
+        import datasets
+
+        if (dataset_name is None) == (train_data_dir is None):
+            raise ValueError("Give exactly one of dataset_name and train_data_dir.")
+        if train_data_dir is not None:
+            if not os.path.isdir(train_data_dir):
+                raise ValueError(
+                    f"train_data_dir {train_data_dir!r} does not exist or is not a directory; "
+                    "point it at a folder of images (class sub-folders for labels)."
+                )
+            data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split)
+        else:
+            try:
+                data = datasets.load_dataset(dataset_name, split=split)
+            except Exception as error:
+                raise ValueError(
+                    f"Could not load dataset {dataset_name!r} ({type(error).__name__}: {error}). "
+                    "Check the name and your connection, or use --train_data_dir with a local "
+                    "folder, or --dataset_name digits for the built-in digits."
+                ) from error
+        if image_column not in data.column_names:
+            raise ValueError(
+                f"Dataset has no image column {image_column!r}; columns: {data.column_names}."
+            )
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}.")
+        self.data = data
+        self.resolution = resolution
+        self.mode = "RGB" if channels == 3 else "L"
+        self.random_flip = random_flip
+        self.image_column = image_column
+        self.label_column = label_column if label_column in data.column_names else None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def transform(self, image) -> torch.Tensor:
+        """Resize the shorter side, center-crop, to ``(C, R, R)`` in [-1, 1]."""
+        image = image.convert(self.mode)
+        scale = self.resolution / min(image.size)
+        size = (max(self.resolution, round(image.width * scale)),
+                max(self.resolution, round(image.height * scale)))  # fmt: skip
+        image = image.resize(size, resample=3)  # bicubic
+        left = (image.width - self.resolution) // 2
+        top = (image.height - self.resolution) // 2
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        tensor = torch.from_numpy(array.reshape(self.resolution, self.resolution, -1))
+        return tensor.permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        row = self.data[index]
+        pixels = self.transform(row[self.image_column])
+        if self.random_flip and torch.rand(()) < 0.5:
+            pixels = pixels.flip(-1)
+        label = int(row[self.label_column]) if self.label_column else -1
+        return {"pixel_values": pixels, "class_labels": label}
