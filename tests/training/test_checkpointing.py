@@ -1,0 +1,96 @@
+"""Atomic checkpoints, retention, resume resolution, deterministic batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from diffusers_mdit.training.checkpointing import (
+    batch_indices,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_generator,
+)
+
+
+@pytest.fixture
+def setup():
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
+
+
+def train_step(model, optimizer):
+    loss = model(torch.ones(4, 3)).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_save_load_round_trip_and_retention(setup, tmp_path):
+    accelerator, model, optimizer = setup
+    for step in (1, 2, 3):
+        train_step(model, optimizer)
+        save_checkpoint(accelerator, str(tmp_path), step, {"epoch": 0}, total_limit=2)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]
+    weights = model.weight.detach().clone()
+    train_step(model, optimizer)
+    assert not torch.equal(model.weight, weights)
+    state = load_checkpoint(accelerator, resolve_checkpoint(str(tmp_path), "latest"))
+    assert state == {"step": 3, "epoch": 0}
+    assert torch.equal(model.weight, weights)
+
+
+def test_a_crash_while_saving_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    accelerator, model, optimizer = setup
+    save_checkpoint(accelerator, str(tmp_path), 1)
+
+    def crash(path, *args, **kwargs):
+        with open(os.path.join(path, "model.safetensors"), "w") as f:
+            f.write("half a file")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(accelerator, "save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, str(tmp_path), 2)
+    assert resolve_checkpoint(str(tmp_path), "latest").endswith("checkpoint-1")
+    assert os.path.isdir(tmp_path / "checkpoint-2.tmp")
+    monkeypatch.undo()
+    save_checkpoint(accelerator, str(tmp_path), 3)
+    assert not os.path.exists(tmp_path / "checkpoint-2.tmp")
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [1, 3]
+
+
+def test_resolve_checkpoint(tmp_path):
+    assert resolve_checkpoint(str(tmp_path), None) is None
+    assert resolve_checkpoint(str(tmp_path), "latest") is None  # fresh run
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-7"))
+
+
+def test_batches_are_a_function_of_the_step_and_cover_each_epoch_once():
+    epoch = [batch_indices(10, 3, step, seed=1) for step in range(3)]
+    flat = [i for batch in epoch for i in batch]
+    assert len(set(flat)) == 9  # 10 // 3 batches, the incomplete one dropped
+    assert batch_indices(10, 3, 1, seed=1) == epoch[1]
+    assert batch_indices(10, 3, 3, seed=1) != batch_indices(10, 3, 0, seed=1)  # next epoch
+    halves = [batch_indices(10, 4, 2, 1, process_index=i, num_processes=2) for i in range(2)]
+    assert halves[0] + halves[1] == batch_indices(10, 4, 2, 1)
+    with pytest.raises(ValueError, match="divide evenly"):
+        batch_indices(10, 3, 0, 1, num_processes=2)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        batch_indices(2, 3, 0, 1)
+
+
+def test_step_generators_are_independent_of_history():
+    a = torch.randn(3, generator=step_generator(0, 5))
+    step_generator(0, 4).manual_seed(123)
+    assert torch.equal(a, torch.randn(3, generator=step_generator(0, 5)))
+    assert not torch.equal(a, torch.randn(3, generator=step_generator(0, 5, process_index=1)))
