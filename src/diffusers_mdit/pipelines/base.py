@@ -142,6 +142,11 @@ class TransformerDiffusionPipeline(DiffusionPipeline):
         ``before_step(i, n)`` lets a pipeline change the model between steps."""
         scheduler, model = self.scheduler, self.transformer
         scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        if getattr(scheduler, "alphas_cumprod", None) is not None:
+            # DDIM with eta=1 computes sqrt(1 - a_prev - sigma_t^2), which is ~a_t >= 0 in exact
+            # arithmetic but rounds negative (NaN) in float32 at the first step of a cosine
+            # schedule (a_999 = 2.4e-9). Float64 schedule values keep it non-negative.
+            scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
         timesteps = scheduler.timesteps
         channels = model.config.in_channels
         step_kwargs = {}

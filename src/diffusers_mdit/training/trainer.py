@@ -1,0 +1,348 @@
+"""The training loop behind ``training/train_mdit.py`` and the built-in demo.
+
+It wires the library pieces: a dataset (:mod:`.data`), a model from a preset or a config JSON,
+an objective with its regularisers (:mod:`.objectives`, :mod:`.losses`), accelerate for devices,
+mixed precision and distribution, diffusers' ``EMAModel``, and atomic checkpoints with exact
+resumption (:mod:`.checkpointing`).
+
+Exact resumption: batches, noise, timesteps and dropout of a step come from a generator seeded
+with (seed, step, process) and indices that are a function of the step, so nothing depends on
+state other than the checkpointed model, EMA, optimizer and LR schedule. On CPU a run killed at
+any step and resumed ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..models import MDiTTransformer2DModel, from_preset
+from ..pipelines import MDiTPipeline
+from .checkpointing import (
+    batch_indices,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_generator,
+)
+from .data import DIGITS_CLASSES, DigitsDataset, ImageDataset
+from .losses import ActivationCapture, scheduled_weight, training_losses
+from .objectives import drop_labels, make_objective
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command-line flags (diffusers examples' names where one exists)."""
+    add = parser.add_argument
+    add("--output_dir", default="outputs/mdit", help="Checkpoints, samples, final pipeline.")
+    add("--seed", type=int, default=0)
+    add("--preset", default="MDiT-S", help="A from_preset name (see list_presets()).")
+    add("--model_config", default=None, help="A model config JSON instead of --preset.")
+    add("--dataset_name", default="digits", help="'digits' (built in) or a datasets name.")
+    add("--train_data_dir", default=None, help="An imagefolder directory (overrides name).")
+    add("--image_column", default="image")
+    add("--label_column", default="label")
+    add("--resolution", type=int, default=16)
+    add("--random_flip", action="store_true")
+    add("--unconditional", action="store_true", help="Ignore labels (num_classes=0).")
+    add("--prediction_type", choices=["x0", "epsilon", "flow"], default="x0")
+    add("--snr_gamma", type=float, default=5.0, help="Min-SNR gamma (x0, epsilon).")
+    add("--learned_variance", action="store_true", help="epsilon: DiT's hybrid loss.")
+    add("--variance_matching_weight", type=float, default=0.0)
+    add("--variance_matching_stop_step", type=int, default=None)
+    add("--patch_regularization_weight", type=float, default=0.0)
+    add("--patch_regularization_stop_step", type=int, default=None)
+    add("--label_dropout", type=float, default=0.1)
+    add("--train_batch_size", type=int, default=32, help="Per process.")
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--max_train_steps", type=int, default=1000)
+    add("--learning_rate", type=float, default=4e-4)
+    add("--lr_warmup_steps", type=int, default=0)
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.95)
+    add("--adam_weight_decay", type=float, default=0.01)
+    add("--max_grad_norm", type=float, default=1.0)
+    add("--use_ema", action="store_true")
+    add("--ema_decay", type=float, default=0.9999)
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    add("--gradient_checkpointing", action="store_true")
+    add("--checkpointing_steps", type=int, default=500)
+    add("--checkpoints_total_limit", type=int, default=3)
+    add("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    add("--validation_steps", type=int, default=0, help="Sample grid PNG every N steps.")
+    add("--num_validation_steps", type=int, default=25, help="Sampler steps for grids.")
+    add("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    add("--push_to_hub", action="store_true")
+    add("--hub_model_id", default=None)
+    return parser
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind."""
+
+    pipeline_dir: str
+    final_loss: float
+    steps: int
+
+
+def build_dataset(args):
+    if args.train_data_dir is None and args.dataset_name == "digits":
+        return DigitsDataset(resolution=args.resolution, channels=3), DIGITS_CLASSES
+    data = ImageDataset(
+        dataset_name=None if args.train_data_dir else args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        resolution=args.resolution,
+        random_flip=args.random_flip,
+        image_column=args.image_column,
+        label_column=args.label_column,
+    )
+    labels = data.data[data.label_column] if data.label_column else []
+    return data, (max(labels) + 1 if len(labels) else 0)
+
+
+def build_model(args, num_classes: int, channels: int) -> MDiTTransformer2DModel:
+    out_channels = 2 * channels if args.learned_variance else channels
+    overrides = dict(in_channels=channels, out_channels=out_channels, num_classes=num_classes)
+    overrides["sample_size"] = args.resolution
+    if args.model_config:
+        with open(args.model_config) as f:
+            config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        model = MDiTTransformer2DModel.from_config({**config, **overrides})
+    else:
+        model = from_preset(args.preset, **overrides)
+    if args.resolution % model.size_multiple:
+        raise ValueError(
+            f"--resolution {args.resolution} must be a multiple of {model.size_multiple} "
+            "(the model's patching); choose another resolution or preset."
+        )
+    return model
+
+
+def sampling_scheduler(objective):
+    """The scheduler a model trained with ``objective`` is sampled with (saved with it)."""
+    config = objective.noise_scheduler.config
+    if isinstance(objective.noise_scheduler, DDPMScheduler) and config.prediction_type == "sample":
+        return DDIMScheduler.from_config(
+            config, prediction_type="sample", clip_sample=False, timestep_spacing="trailing"
+        )
+    return objective.noise_scheduler.__class__.from_config(config)
+
+
+def save_grid(images: torch.Tensor, rows: int, path: str) -> None:
+    """``(N, C, H, W)`` images in [0, 1] as a PNG grid with ``rows`` rows."""
+    import numpy as np
+    import PIL.Image
+
+    n, c, h, w = images.shape
+    cols = math.ceil(n / rows)
+    grid = torch.ones(c, rows * h, cols * w)
+    for i, image in enumerate(images.clamp(0, 1).cpu()):
+        r, k = divmod(i, cols)
+        grid[:, r * h : (r + 1) * h, k * w : (k + 1) * w] = image
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    PIL.Image.fromarray(array.squeeze(-1) if c == 1 else array).save(path)
+
+
+def sample_grid(pipe, num_classes: int, per_class: int, steps: int, seed: int) -> torch.Tensor:
+    """``per_class`` samples of every class (rows = classes), or ``per_class`` x 10
+    unconditional ones, as ``(N, C, H, W)`` in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    if num_classes:
+        labels = [c for c in range(num_classes) for _ in range(per_class)]
+        return pipe(class_labels=labels, num_inference_steps=steps, generator=generator,
+                    output_type="pt").images  # fmt: skip
+    return pipe(batch_size=10 * per_class, num_inference_steps=steps, generator=generator,
+                output_type="pt").images  # fmt: skip
+
+
+def train(args) -> TrainResult:
+    """Run (or resume) training as configured by ``args`` (see :func:`add_arguments`)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
+    )
+    set_seed(args.seed)
+    dataset, num_classes = build_dataset(args)
+    num_classes = 0 if args.unconditional else num_classes
+    channels = dataset[0]["pixel_values"].shape[0]
+    model = build_model(args, num_classes, channels)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    kwargs = {} if args.prediction_type == "flow" else {"snr_gamma": args.snr_gamma}
+    if args.prediction_type == "epsilon":
+        kwargs["learned_variance"] = args.learned_variance
+    objective = make_objective(args.prediction_type, **kwargs)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps
+    )
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            model.parameters(),
+            decay=args.ema_decay,
+            model_cls=MDiTTransformer2DModel,
+            model_config=model.config,
+        )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    unwrapped = accelerator.unwrap_model(model)
+
+    start = 0
+    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume is not None:
+        start = load_checkpoint(accelerator, resume)["step"]
+        accelerator.print(f"Resumed from {resume} at step {start}.")
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        accelerator.init_trackers("mdit", config={k: str(v) for k, v in vars(args).items()})
+
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        stop["requested"] = True
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    global_batch = args.train_batch_size * accelerator.num_processes
+    micro_batches = args.gradient_accumulation_steps
+    progress = tqdm(
+        total=args.max_train_steps,
+        initial=start,
+        disable=not accelerator.is_local_main_process,
+        desc="training",
+    )
+    capture = ActivationCapture(unwrapped.core_unpatch)
+    step, loss_value = start, float("nan")
+    try:
+        while step < args.max_train_steps and not stop["requested"]:
+            for micro in range(micro_batches):
+                index = step * micro_batches + micro
+                generator = step_generator(args.seed, index, accelerator.process_index)
+                ids = batch_indices(
+                    len(dataset),
+                    global_batch,
+                    index,
+                    args.seed,
+                    accelerator.process_index,
+                    accelerator.num_processes,
+                )
+                items = [dataset[i] for i in ids]
+                x0 = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
+                noisy = objective.prepare(x0, generator)
+                labels = None
+                if num_classes:
+                    labels = torch.tensor([item["class_labels"] for item in items])
+                    labels = drop_labels(labels, num_classes, args.label_dropout, generator)
+                    labels = labels.to(accelerator.device)
+                with accelerator.accumulate(model):
+                    output = model(
+                        noisy.noisy, noisy.model_timesteps.to(accelerator.device),
+                        class_labels=labels,
+                    ).sample  # fmt: skip
+                    activation = capture.take()
+                    patch_weight = scheduled_weight(
+                        args.patch_regularization_weight, step, args.patch_regularization_stop_step
+                    )
+                    losses = training_losses(
+                        objective,
+                        output,
+                        noisy,
+                        variance_matching_weight=scheduled_weight(
+                            args.variance_matching_weight, step, args.variance_matching_stop_step
+                        ),
+                        patch_activation=activation if patch_weight else None,
+                        patch_weight=patch_weight,
+                    )
+                    loss = losses["loss"]
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"Non-finite loss ({loss.item()}) at step {step}. The last good "
+                            f"checkpoint in {args.output_dir} is kept; lower the learning rate "
+                            "or use --mixed_precision no, then --resume_from_checkpoint latest."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+            step += 1
+            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            accelerator.log({k: v.item() for k, v in losses.items()}, step=step)
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                save_checkpoint(
+                    accelerator, args.output_dir, step, total_limit=args.checkpoints_total_limit
+                )
+            if args.validation_steps and step % args.validation_steps == 0:
+                validate(args, accelerator, unwrapped, ema, objective, num_classes, step)
+        if step < args.max_train_steps or step % max(args.checkpointing_steps, 1):
+            save_checkpoint(
+                accelerator, args.output_dir, step, total_limit=args.checkpoints_total_limit
+            )
+    finally:
+        capture.remove()
+        progress.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    pipeline_dir = args.output_dir
+    if step >= args.max_train_steps and accelerator.is_main_process:
+        pipe = final_pipeline(unwrapped, ema, objective)
+        pipe.save_pretrained(pipeline_dir)
+        if args.push_to_hub:
+            pipe.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(pipeline_dir=pipeline_dir, final_loss=loss_value, steps=step)
+
+
+def final_pipeline(model, ema, objective) -> MDiTPipeline:
+    """A pipeline with the trained weights (the EMA's when kept) and the matching scheduler."""
+    transformer = MDiTTransformer2DModel.from_config(model.config)
+    transformer.load_state_dict(model.state_dict())
+    if ema is not None:
+        ema.copy_to(transformer.parameters())
+    return MDiTPipeline(transformer=transformer.eval(), scheduler=sampling_scheduler(objective))
+
+
+@torch.no_grad()
+def validate(args, accelerator, model, ema, objective, num_classes, step) -> None:
+    """A sample grid (one row per class) as ``samples/step-<step>.png``."""
+    if not accelerator.is_main_process:
+        return
+    pipe = final_pipeline(model, ema, objective)
+    images = sample_grid(pipe, num_classes, 8, args.num_validation_steps, args.seed)
+    folder = os.path.join(args.output_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    save_grid(images, num_classes or 10, os.path.join(folder, f"step-{step:06d}.png"))
