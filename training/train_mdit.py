@@ -15,7 +15,7 @@ from diffusers_mdit.training.trainer import add_arguments, train
 def main() -> None:
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     result = train(parser.parse_args())
-    print(f"Finished at step {result.steps}, loss {result.final_loss:.4f}; pipeline in "
+    print(f"Finished at step {result.steps}, loss {result.final_loss:.6f}; pipeline in "
           f"{result.pipeline_dir}")  # fmt: skip
 
 

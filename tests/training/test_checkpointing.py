@@ -81,10 +81,6 @@ def test_batches_are_a_function_of_the_step_and_cover_each_epoch_once():
     assert len(set(flat)) == 9  # 10 // 3 batches, the incomplete one dropped
     assert batch_indices(10, 3, 1, seed=1) == epoch[1]
     assert batch_indices(10, 3, 3, seed=1) != batch_indices(10, 3, 0, seed=1)  # next epoch
-    halves = [batch_indices(10, 4, 2, 1, process_index=i, num_processes=2) for i in range(2)]
-    assert halves[0] + halves[1] == batch_indices(10, 4, 2, 1)
-    with pytest.raises(ValueError, match="divide evenly"):
-        batch_indices(10, 3, 0, 1, num_processes=2)
     with pytest.raises(ValueError, match="larger than the dataset"):
         batch_indices(2, 3, 0, 1)
 

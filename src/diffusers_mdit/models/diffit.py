@@ -38,6 +38,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from ..hub import HubModelMixin
 from .layers import split_tokens
 from .presets import PresetMixin, register_presets
 from .validation import check_class_labels, check_sample, null_labels_if_missing
@@ -256,7 +257,12 @@ class _GradientCheckpointingMixin:
 
 
 class DiffiTTransformer2DModel(
-    ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin, _GradientCheckpointingMixin
+    HubModelMixin,
+    ModelMixin,
+    ConfigMixin,
+    PeftAdapterMixin,
+    PresetMixin,
+    _GradientCheckpointingMixin,
 ):
     r"""Latent DiffiT (section 3.2.1, appendix H.2): an isotropic ViT of DiffiT blocks on VAE
     latents.
@@ -406,7 +412,12 @@ class DiffiTTransformer2DModel(
 
 
 class DiffiTUNet2DModel(
-    ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin, _GradientCheckpointingMixin
+    HubModelMixin,
+    ModelMixin,
+    ConfigMixin,
+    PeftAdapterMixin,
+    PresetMixin,
+    _GradientCheckpointingMixin,
 ):
     r"""Image-space DiffiT (section 3.2.2, appendices H.1 and I.1): a U-shaped encoder/decoder.
 

@@ -35,6 +35,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..hub import HubModelMixin
 from .attention import GridSelfAttention, TimeTokenCrossAttention
 from .embeddings import ConditionEmbedding, reduce_gradient_flow
 from .layers import (
@@ -164,7 +165,7 @@ class AggregateBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class MDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin):
+class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin):
     r"""Multi-scale diffusion transformer (MDiT).
 
     Numbers from the paper: the ``{M, N, K, L}`` layouts and widths of MDiT-B and MDiT-L, head

@@ -22,6 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..hub import HubPipelineMixin
 from .guidance import (
     apply_guidance,
     dynamic_threshold,
@@ -52,7 +53,7 @@ def sampling_arguments(call_arguments: dict[str, Any]) -> dict[str, Any]:
     return {name: call_arguments[name] for name in SAMPLING_ARGUMENTS}
 
 
-class TransformerDiffusionPipeline(DiffusionPipeline):
+class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline):
     """Base class; subclasses build the conditioning and call :meth:`sample`."""
 
     model_cpu_offload_seq = "transformer->vae"

@@ -101,33 +101,19 @@ def step_generator(seed: int, step: int, process_index: int = 0) -> torch.Genera
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
 
 
-def batch_indices(
-    dataset_size: int,
-    global_batch_size: int,
-    step: int,
-    seed: int,
-    process_index: int = 0,
-    num_processes: int = 1,
-) -> list[int]:
-    """Dataset indices of this process's share of global batch ``step``.
+def batch_indices(dataset_size: int, global_batch_size: int, step: int, seed: int) -> list[int]:
+    """Dataset indices of global batch ``step``.
 
     Epoch ``e`` is a permutation drawn from ``seed`` and ``e``; incomplete last batches are
-    dropped. Process ``i`` of ``n`` takes the ``i``-th contiguous slice, so one process with
-    the same global batch sees the union of all processes' batches.
+    dropped. In distributed training every process computes the same global batch and loads
+    its own slice of it.
     """
     if global_batch_size > dataset_size:
         raise ValueError(
             f"The global batch ({global_batch_size}) is larger than the dataset "
             f"({dataset_size} items); lower --train_batch_size."
         )
-    if global_batch_size % num_processes:
-        raise ValueError(
-            f"The global batch ({global_batch_size}) must divide evenly over "
-            f"{num_processes} processes."
-        )
     per_epoch = dataset_size // global_batch_size
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch))
-    batch = order[position * global_batch_size : (position + 1) * global_batch_size]
-    share = global_batch_size // num_processes
-    return batch[process_index * share : (process_index + 1) * share].tolist()
+    return order[position * global_batch_size : (position + 1) * global_batch_size].tolist()

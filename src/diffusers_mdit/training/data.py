@@ -51,7 +51,10 @@ class DigitsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        return {"pixel_values": self.images[index], "class_labels": int(self.labels[index])}
+        return {"pixel_values": self.images[index], "class_labels": self.label(index)}
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
 
 
 class ImageDataset(Dataset):
@@ -134,5 +137,8 @@ class ImageDataset(Dataset):
         pixels = self.transform(row[self.image_column])
         if self.random_flip and torch.rand(()) < 0.5:
             pixels = pixels.flip(-1)
-        label = int(row[self.label_column]) if self.label_column else -1
-        return {"pixel_values": pixels, "class_labels": label}
+        return {"pixel_values": pixels, "class_labels": self.label(index)}
+
+    def label(self, index: int) -> int:
+        """The class of item ``index`` without decoding its image (-1 when unlabelled)."""
+        return int(self.data[index][self.label_column]) if self.label_column else -1

@@ -101,11 +101,26 @@ class TrainingObjective(ABC):
     def variance_matching_time_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``(B,)`` factor on the variance-matching term at ``timesteps`` (eq. 2 / eq. 7)."""
 
-    def prepare(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> NoisyBatch:
+    def prepare(
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        share: slice | None = None,
+        global_batch_size: int | None = None,
+    ) -> NoisyBatch:
         """Draw timesteps and noise (timesteps first, from the same ``generator``) and run
-        the forward process."""
-        timesteps = self.sample_timesteps(x0.shape[0], generator, x0.device)
-        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        the forward process.
+
+        In distributed training ``x0`` is one process's ``share`` of a global batch of
+        ``global_batch_size``: the draws are made for the whole global batch and sliced, so
+        every sample gets the same noise whatever the number of processes.
+        """
+        size = global_batch_size or x0.shape[0]
+        share = share or slice(None)
+        timesteps = self.sample_timesteps(size, generator, x0.device)[share]
+        noise = randn_tensor(
+            (size, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype
+        )[share]
         return NoisyBatch(
             x0=x0,
             noise=noise,

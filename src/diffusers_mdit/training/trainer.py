@@ -244,23 +244,22 @@ def train(args) -> TrainResult:
         while step < args.max_train_steps and not stop["requested"]:
             for micro in range(micro_batches):
                 index = step * micro_batches + micro
-                generator = step_generator(args.seed, index, accelerator.process_index)
-                ids = batch_indices(
-                    len(dataset),
-                    global_batch,
-                    index,
-                    args.seed,
-                    accelerator.process_index,
-                    accelerator.num_processes,
+                # Draws are made for the global batch and sliced: one process with the
+                # same global batch sees exactly what all processes together see.
+                generator = step_generator(args.seed, index)
+                ids = batch_indices(len(dataset), global_batch, index, args.seed)
+                share = slice(
+                    accelerator.process_index * args.train_batch_size,
+                    (accelerator.process_index + 1) * args.train_batch_size,
                 )
-                items = [dataset[i] for i in ids]
+                items = [dataset[i] for i in ids[share]]
                 x0 = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
-                noisy = objective.prepare(x0, generator)
+                noisy = objective.prepare(x0, generator, share, global_batch)
                 labels = None
                 if num_classes:
-                    labels = torch.tensor([item["class_labels"] for item in items])
+                    labels = torch.tensor([dataset.label(i) for i in ids])
                     labels = drop_labels(labels, num_classes, args.label_dropout, generator)
-                    labels = labels.to(accelerator.device)
+                    labels = labels[share].to(accelerator.device)
                 with accelerator.accumulate(model):
                     output = model(
                         noisy.noisy, noisy.model_timesteps.to(accelerator.device),
@@ -321,7 +320,12 @@ def train(args) -> TrainResult:
         pipe = final_pipeline(unwrapped, ema, objective)
         pipe.save_pretrained(pipeline_dir)
         if args.push_to_hub:
-            pipe.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir))
+            pipe.push_to_hub(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                training_data=args.train_data_dir or args.dataset_name,
+                training_steps=step,
+                existing_model_card="keep",  # an existing README is the user's: never replaced
+            )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(pipeline_dir=pipeline_dir, final_loss=loss_value, steps=step)
