@@ -76,8 +76,12 @@ def test_training_reduces_the_loss_and_saves_a_loadable_pipeline(tmp_path):
     from diffusers_mdit import MDiTPipeline
 
     first = train(parse(flags(tmp_path, tmp_path / "a", max_train_steps=1)))
-    result = train(parse(flags(tmp_path, tmp_path / "b", max_train_steps=40)))
+    result = train(
+        parse(flags(tmp_path, tmp_path / "b", max_train_steps=40, report_to="tensorboard"))
+    )
     assert result.steps == 40 and result.final_loss < first.final_loss
+    assert any(name.startswith("events.") for _, _, files in os.walk(tmp_path / "b" / "logs")
+               for name in files)  # fmt: skip
     pipe = MDiTPipeline.from_pretrained(result.pipeline_dir)
     assert pipe.scheduler.config.prediction_type == "sample"
     images = pipe(class_labels=[3], num_inference_steps=2, output_type="pt").images
