@@ -31,6 +31,7 @@ editable install (``pip install -e .``, what ``run.sh`` does).
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import shutil
@@ -48,9 +49,10 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError, safe_open
 
-_REPOSITORY = Path(__file__).resolve().parents[2]
-HUB_CODE_FILE = _REPOSITORY / "pipelines" / "pipeline.py"
-MODEL_CARD_TEMPLATE = _REPOSITORY / "model_cards" / "model_card_template.md"
+# Files of the repository folders pipelines/ and model_cards/, shipped in wheels as the
+# packages diffusers_mdit.hub_files and diffusers_mdit.model_cards (see pyproject.toml).
+HUB_CODE_FILE = ("diffusers_mdit.hub_files", "pipelines", "pipeline.py")
+MODEL_CARD_TEMPLATE = ("diffusers_mdit.model_cards", "model_cards", "model_card_template.md")
 
 LIBRARY_NAME = "diffusers_mdit"
 VERSION_KEY = "_diffusers_mdit_version"
@@ -92,12 +94,20 @@ def known_classes(base: type) -> dict[str, type]:
     }
 
 
-def _resource(path: Path) -> Path:
+def _resource(location: tuple[str, str, str]) -> Path:
+    """A data file: in the repository folder of a source checkout (editable installs), else
+    in the installed package."""
+    package, folder, name = location
+    path = Path(__file__).resolve().parents[2] / folder / name
+    if not path.is_file():
+        try:
+            path = Path(str(importlib.resources.files(package) / name))
+        except ModuleNotFoundError:
+            pass
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing. diffusers-mdit reads its Hub code file and model card template "
-            "from the repository folders pipelines/ and model_cards/: install the package from a "
-            "source checkout with `pip install -e .`."
+            f"{folder}/{name} is missing from this diffusers-mdit installation; reinstall the "
+            "package (pip install --force-reinstall diffusers-mdit) or use a source checkout."
         )
     return path
 

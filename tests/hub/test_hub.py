@@ -32,7 +32,7 @@ from diffusers_mdit import (
     MDiTTextToImagePipeline,
     MDiTTransformer2DModel,
 )
-from diffusers_mdit.hub import HUB_CODE_FILE, VERSION_KEY, create_model_card
+from diffusers_mdit.hub import HUB_CODE_FILE, VERSION_KEY, _resource, create_model_card
 
 JOBS = Path(__file__).with_name("hub_jobs.py")
 TINY_MDIT = dict(
@@ -235,7 +235,7 @@ def test_saved_folder_is_hub_ready(saved):
     assert index["transformer"] == ["diffusers_mdit", "MDiTTransformer2DModel"]
     assert index["text_encoder"] == ["transformers", "T5EncoderModel"]
     assert index[VERSION_KEY] == diffusers_mdit.__version__
-    code = HUB_CODE_FILE.read_bytes()
+    code = _resource(HUB_CODE_FILE).read_bytes()
     assert (folder / "pipeline.py").read_bytes() == code
     assert (folder / "transformer" / "diffusers_mdit.py").read_bytes() == code
     assert not (folder / "text_encoder" / "diffusers_mdit.py").exists()
@@ -264,8 +264,8 @@ def test_pushed_pipelines_and_model_load_back_from_the_hub_identically(
     assert_same_images(saved, jobs[:-1])
     np.testing.assert_array_equal(np.load(model_out), saved["model_output"])
     files = hub.files(repo("mdit"))
-    assert files["pipeline.py"] == HUB_CODE_FILE.read_bytes()
-    assert files["transformer/diffusers_mdit.py"] == HUB_CODE_FILE.read_bytes()
+    assert files["pipeline.py"] == _resource(HUB_CODE_FILE).read_bytes()
+    assert files["transformer/diffusers_mdit.py"] == _resource(HUB_CODE_FILE).read_bytes()
     assert hub.unhandled == []  # the client needed no endpoint the fake Hub lacks
 
 
