@@ -150,3 +150,31 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     expected, actual = weights(single.pipeline_dir), weights(two)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-2, atol=5e-4)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        dict(_class_name="DiffiTTransformer2DModel", hidden_size=32, num_layers=1,
+             num_attention_heads=2),
+        dict(_class_name="DiffiTUNet2DModel", block_out_channels=(16, 32), layers_per_level=(1, 1),
+             window_size=2, attention_head_dim=8, norm_num_groups=4),
+    ],
+)  # fmt: skip
+def test_diffit_trains_and_saves_a_diffit_pipeline(tmp_path, model):
+    from diffusers_mdit import DiffiTPipeline
+
+    argv = flags(tmp_path, tmp_path / "out", model=model, max_train_steps=3, use_ema=None)
+    result = train(parse(argv))
+    pipe = DiffiTPipeline.from_pretrained(result.pipeline_dir)
+    assert type(pipe.transformer).__name__ == model["_class_name"]
+    images = pipe(class_labels=[1], num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 8, 8)
+
+
+def test_patch_regularization_needs_an_mdit(tmp_path):
+    model = dict(_class_name="DiffiTTransformer2DModel", hidden_size=32, num_layers=1,
+                 num_attention_heads=2)  # fmt: skip
+    argv = flags(tmp_path, tmp_path / "out", model=model, patch_regularization_weight=0.1)
+    with pytest.raises(ValueError, match="needs an MDiT"):
+        train(parse(argv))

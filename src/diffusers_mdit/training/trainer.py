@@ -1,4 +1,4 @@
-"""The training loop behind ``training/train_mdit.py`` and the built-in demo.
+"""The training loop behind ``training/train_mdit.py`` and ``training/train_diffit.py``.
 
 It wires the library pieces: a dataset (:mod:`.data`), a model from a preset or a config JSON,
 an objective with its regularisers (:mod:`.objectives`, :mod:`.losses`), accelerate for devices,
@@ -28,8 +28,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..models import MDiTTransformer2DModel, from_preset
-from ..pipelines import MDiTPipeline
+from ..models import (
+    DiffiTTransformer2DModel,
+    DiffiTUNet2DModel,
+    MDiTTransformer2DModel,
+    from_preset,
+)
+from ..models.presets import PRESET_OWNERS
+from ..pipelines import DiffiTPipeline, MDiTPipeline
 from .checkpointing import (
     batch_indices,
     load_checkpoint,
@@ -40,6 +46,13 @@ from .checkpointing import (
 from .data import DIGITS_CLASSES, DigitsDataset, ImageDataset
 from .losses import ActivationCapture, scheduled_weight, training_losses
 from .objectives import drop_labels, make_objective
+
+# The pipeline that samples each model family (saved at the end of training).
+PIPELINES = {
+    MDiTTransformer2DModel: MDiTPipeline,
+    DiffiTTransformer2DModel: DiffiTPipeline,
+    DiffiTUNet2DModel: DiffiTPipeline,
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,7 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--output_dir", default="outputs/mdit", help="Checkpoints, samples, final pipeline.")
     add("--seed", type=int, default=0)
     add("--preset", default="MDiT-S", help="A from_preset name (see list_presets()).")
-    add("--model_config", default=None, help="A model config JSON instead of --preset.")
+    add(
+        "--model_config",
+        default=None,
+        help="A model config JSON instead of --preset (a config.json of a saved model: its "
+        "_class_name picks the model class, MDiT when absent).",
+    )
     add("--dataset_name", default="digits", help="'digits' (built in) or a datasets name.")
     add("--train_data_dir", default=None, help="An imagefolder directory (overrides name).")
     add("--image_column", default="image")
@@ -116,15 +134,28 @@ def build_dataset(args):
     return data, (max(labels) + 1 if len(labels) else 0)
 
 
-def build_model(args, num_classes: int, channels: int) -> MDiTTransformer2DModel:
+def build_model(args, num_classes: int, channels: int):
+    """The model of ``--preset`` or ``--model_config`` for this data (channels, classes,
+    resolution, learned variance)."""
     out_channels = 2 * channels if args.learned_variance else channels
     overrides = dict(in_channels=channels, out_channels=out_channels, num_classes=num_classes)
     overrides["sample_size"] = args.resolution
     if args.model_config:
         with open(args.model_config) as f:
-            config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-        model = MDiTTransformer2DModel.from_config({**config, **overrides})
+            config = json.load(f)
+        classes = {cls.__name__: cls for cls in PIPELINES}
+        name = config.get("_class_name", MDiTTransformer2DModel.__name__)
+        if name not in classes:
+            raise ValueError(
+                f"{args.model_config} configures {name!r}; trainable models: {sorted(classes)}."
+            )
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        model = classes[name].from_config({**config, **overrides})
     else:
+        if args.preset not in PRESET_OWNERS:
+            raise ValueError(
+                f"Unknown preset {args.preset!r}; available: {', '.join(PRESET_OWNERS)}."
+            )
         model = from_preset(args.preset, **overrides)
     if args.resolution % model.size_multiple:
         raise ValueError(
@@ -207,7 +238,7 @@ def train(args) -> TrainResult:
         ema = EMAModel(
             model.parameters(),
             decay=args.ema_decay,
-            model_cls=MDiTTransformer2DModel,
+            model_cls=type(model),
             model_config=model.config,
         )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -238,7 +269,14 @@ def train(args) -> TrainResult:
         disable=not accelerator.is_local_main_process,
         desc="training",
     )
-    capture = ActivationCapture(unwrapped.core_unpatch)
+    if args.patch_regularization_weight and not hasattr(unwrapped, "core_unpatch"):
+        raise ValueError(
+            "--patch_regularization_weight needs an MDiT (it regularises the core un-patch "
+            f"output); {type(unwrapped).__name__} has none."
+        )
+    capture = None
+    if args.patch_regularization_weight:
+        capture = ActivationCapture(unwrapped.core_unpatch)
     step, loss_value = start, float("nan")
     try:
         while step < args.max_train_steps and not stop["requested"]:
@@ -265,7 +303,7 @@ def train(args) -> TrainResult:
                         noisy.noisy, noisy.model_timesteps.to(accelerator.device),
                         class_labels=labels,
                     ).sample  # fmt: skip
-                    activation = capture.take()
+                    activation = capture.take() if capture is not None else None
                     patch_weight = scheduled_weight(
                         args.patch_regularization_weight, step, args.patch_regularization_stop_step
                     )
@@ -310,7 +348,8 @@ def train(args) -> TrainResult:
                 accelerator, args.output_dir, step, total_limit=args.checkpoints_total_limit
             )
     finally:
-        capture.remove()
+        if capture is not None:
+            capture.remove()
         progress.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
@@ -331,13 +370,14 @@ def train(args) -> TrainResult:
     return TrainResult(pipeline_dir=pipeline_dir, final_loss=loss_value, steps=step)
 
 
-def final_pipeline(model, ema, objective) -> MDiTPipeline:
+def final_pipeline(model, ema, objective):
     """A pipeline with the trained weights (the EMA's when kept) and the matching scheduler."""
-    transformer = MDiTTransformer2DModel.from_config(model.config)
+    transformer = type(model).from_config(model.config)
     transformer.load_state_dict(model.state_dict())
     if ema is not None:
         ema.copy_to(transformer.parameters())
-    return MDiTPipeline(transformer=transformer.eval(), scheduler=sampling_scheduler(objective))
+    pipeline = PIPELINES[type(model)]
+    return pipeline(transformer=transformer.eval(), scheduler=sampling_scheduler(objective))
 
 
 @torch.no_grad()
