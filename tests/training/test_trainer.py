@@ -178,3 +178,27 @@ def test_patch_regularization_needs_an_mdit(tmp_path):
     argv = flags(tmp_path, tmp_path / "out", model=model, patch_regularization_weight=0.1)
     with pytest.raises(ValueError, match="needs an MDiT"):
         train(parse(argv))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    argv = flags(tmp_path, out, max_train_steps=10_000, checkpointing_steps=1_000)
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not out.exists() and time.time() < deadline:  # the run has set up
+        time.sleep(0.05)
+    time.sleep(2.0)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=240)
+    assert process.returncode == 0
+    step = int(stdout.split("Finished at step ")[1].split(",")[0])
+    assert 0 < step < 10_000
+    assert (out / f"checkpoint-{step}" / "training_state.json").exists()
+    assert not (out / "model_index.json").exists()  # unfinished runs save no pipeline
