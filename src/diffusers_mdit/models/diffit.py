@@ -41,7 +41,12 @@ from torch import nn
 from ..hub import HubModelMixin
 from .layers import split_tokens
 from .presets import PresetMixin, register_presets
-from .validation import check_class_labels, check_sample, null_labels_if_missing
+from .validation import (
+    check_class_labels,
+    check_sample,
+    expand_timestep,
+    null_labels_if_missing,
+)
 
 LAYER_NORM_EPS = 1e-6
 
@@ -240,11 +245,21 @@ class TimeToken(nn.Module):
         return token
 
 
-def _expand_timestep(timestep, batch: int, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+class _DiffiTModelMixin:
+    """What both DiffiT models do alike: check the inputs, build the time token, run blocks
+    (with gradient checkpointing when enabled)."""
 
+    def _time_token(
+        self, hidden_states: torch.Tensor, timestep, class_labels, why: str
+    ) -> torch.Tensor:
+        """Check ``hidden_states`` (``why``: where its size multiple comes from) and the
+        labels; return the time token ``x_t``."""
+        config = self.config
+        check_sample(hidden_states, config.in_channels, self.size_multiple, why)
+        batch = hidden_states.shape[0]
+        check_class_labels(class_labels, config.num_classes, batch)
+        return self.time_token(expand_timestep(timestep, batch, hidden_states.device), class_labels)
 
-class _GradientCheckpointingMixin:
     def _run_block(self, block: nn.Module, *args):
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *args)
@@ -262,7 +277,7 @@ class DiffiTTransformer2DModel(
     ConfigMixin,
     PeftAdapterMixin,
     PresetMixin,
-    _GradientCheckpointingMixin,
+    _DiffiTModelMixin,
 ):
     r"""Latent DiffiT (section 3.2.1, appendix H.2): an isotropic ViT of DiffiT blocks on VAE
     latents.
@@ -388,11 +403,8 @@ class DiffiTTransformer2DModel(
         why = f"patch {config.patch_size}" + (
             f" x TMSA window {config.window_size}" if config.window_size else ""
         )
-        check_sample(hidden_states, config.in_channels, self.size_multiple, why)
-        batch, _, height, width = hidden_states.shape
-        check_class_labels(class_labels, config.num_classes, batch)
-        timestep = _expand_timestep(timestep, batch, hidden_states.device)
-        time_token = self.time_token(timestep, class_labels)
+        time_token = self._time_token(hidden_states, timestep, class_labels, why)
+        height, width = hidden_states.shape[-2:]
 
         grid = (height // config.patch_size, width // config.patch_size)
         h = self.patch_embed(hidden_states).unflatten(1, grid)  # (B, h, w, C)
@@ -417,7 +429,7 @@ class DiffiTUNet2DModel(
     ConfigMixin,
     PeftAdapterMixin,
     PresetMixin,
-    _GradientCheckpointingMixin,
+    _DiffiTModelMixin,
 ):
     r"""Image-space DiffiT (section 3.2.2, appendices H.1 and I.1): a U-shaped encoder/decoder.
 
@@ -566,13 +578,8 @@ class DiffiTUNet2DModel(
         Returns:
             The prediction ``(B, out_channels, H, W)``.
         """
-        config = self.config
         why = "2^(levels-1) downsamplings x each level's TMSA window"
-        check_sample(hidden_states, config.in_channels, self.size_multiple, why)
-        batch = hidden_states.shape[0]
-        check_class_labels(class_labels, config.num_classes, batch)
-        timestep = _expand_timestep(timestep, batch, hidden_states.device)
-        time_token = self.time_token(timestep, class_labels)
+        time_token = self._time_token(hidden_states, timestep, class_labels, why)
 
         # (B, H, W, C) memory throughout; convolutions see channels-last NCHW views.
         def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

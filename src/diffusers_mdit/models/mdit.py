@@ -49,7 +49,12 @@ from .layers import (
     split_tokens,
 )
 from .presets import PresetMixin, register_presets
-from .validation import check_class_labels, check_sample, null_labels_if_missing
+from .validation import (
+    check_class_labels,
+    check_sample,
+    expand_timestep,
+    null_labels_if_missing,
+)
 
 # --------------------------------------------------------------------------------------------
 # Blocks. Every block takes (x, G(t), condition tokens, condition mask) so the model can run,
@@ -497,7 +502,7 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             hidden_states, class_labels, encoder_hidden_states, image_scale, aspect_ratio
         )
         batch = hidden_states.shape[0]
-        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
+        timestep = expand_timestep(timestep, batch, hidden_states.device)
         condition = self.condition_embedding(timestep, image_scale, aspect_ratio)
         condition = reduce_gradient_flow(condition, self.config.gradient_flow_scale)
         time_condition = F.gelu(condition)

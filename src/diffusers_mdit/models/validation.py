@@ -1,4 +1,5 @@
-"""Input checks shared by the models: every message names the problem and the fix."""
+"""Input checks and normalisation shared by the models: every message names the problem and
+the fix."""
 
 from __future__ import annotations
 
@@ -53,3 +54,8 @@ def null_labels_if_missing(
     if class_labels is not None:
         return class_labels
     return torch.full((batch,), num_classes, device=device, dtype=torch.long)
+
+
+def expand_timestep(timestep, batch: int, device: torch.device) -> torch.Tensor:
+    """A scalar or ``(B,)`` timestep as a ``(batch,)`` tensor on ``device``."""
+    return torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
