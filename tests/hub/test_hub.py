@@ -17,12 +17,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from fake_hub import NAMESPACE, FakeHub
 from hub_jobs import model_output, sample
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 import diffusers_mdit
 from diffusers_mdit import (
@@ -33,20 +32,15 @@ from diffusers_mdit import (
     MDiTTransformer2DModel,
 )
 from diffusers_mdit.hub import HUB_CODE_FILE, VERSION_KEY, _resource, create_model_card
+from diffusers_mdit.testing import (
+    ddim_x0,
+    randomize,
+    tiny_mdit,
+    tiny_text_encoder,
+    tiny_vae,
+)
 
 JOBS = Path(__file__).with_name("hub_jobs.py")
-TINY_MDIT = dict(
-    sample_size=8,
-    num_outer_in_blocks=1,
-    num_outer_out_blocks=1,
-    num_alternating_blocks=2,
-    num_core_blocks=1,
-    outer_dim=32,
-    core_dim=64,
-    attention_head_dim=16,
-    outer_kernel_size=3,
-    core_kernel_size=3,
-)
 CARD = dict(
     training_data="ImageNet-1k 256px (test)",
     training_steps=1234,
@@ -55,37 +49,10 @@ CARD = dict(
 )
 
 
-def randomize(model, seed=0):
-    """Random weights everywhere (fresh models zero-initialise their output heads)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model.eval()
-
-
-def tiny_mdit(seed=0, **overrides) -> MDiTTransformer2DModel:
-    return randomize(MDiTTransformer2DModel(**{**TINY_MDIT, **overrides}), seed)
-
-
-def ddim_x0() -> DDIMScheduler:
-    return DDIMScheduler(prediction_type="sample", clip_sample=False, timestep_spacing="trailing")
-
-
 def tiny_pipelines() -> dict[str, tuple[DiffusionPipeline, dict]]:
     """Every pipeline kind, each with JSON-able call arguments for the fresh processes."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
-    ).eval()
+    vae = tiny_vae()
+    text_encoder, tokenizer = tiny_text_encoder()
     diffit = DiffiTUNet2DModel(
         sample_size=16,
         block_out_channels=(16, 32),
@@ -112,7 +79,7 @@ def tiny_pipelines() -> dict[str, tuple[DiffusionPipeline, dict]]:
                 transformer=tiny_mdit(3, in_channels=3, cross_attention_dim=32),
                 scheduler=ddim_x0(),
                 text_encoder=text_encoder,
-                tokenizer=ByT5Tokenizer(),
+                tokenizer=tokenizer,
             ),
             {"prompt": ["a red cube"], "guidance_scale": 3.0},
         ),

@@ -6,13 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    FlowMatchEulerDiscreteScheduler,
-)
-from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusers_mdit import (
     DiffiTPipeline,
@@ -20,59 +14,14 @@ from diffusers_mdit import (
     DiffiTUNet2DModel,
     MDiTPipeline,
     MDiTTextToImagePipeline,
-    MDiTTransformer2DModel,
 )
-
-TINY_MDIT = dict(
-    sample_size=8,
-    num_outer_in_blocks=1,
-    num_outer_out_blocks=1,
-    num_alternating_blocks=2,
-    num_core_blocks=1,
-    outer_dim=32,
-    core_dim=64,
-    attention_head_dim=16,
-    outer_kernel_size=3,
-    core_kernel_size=3,
+from diffusers_mdit.testing import (
+    ddim_x0,
+    randomize,
+    tiny_mdit,
+    tiny_text_encoder,
+    tiny_vae,
 )
-
-
-def randomize(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model.eval()
-
-
-def mdit(**overrides) -> MDiTTransformer2DModel:
-    return randomize(MDiTTransformer2DModel(**{**TINY_MDIT, **overrides}))
-
-
-def ddim_x0() -> DDIMScheduler:
-    return DDIMScheduler(prediction_type="sample", clip_sample=False, timestep_spacing="trailing")
-
-
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
-
-
-def tiny_text_encoder() -> tuple[T5EncoderModel, ByT5Tokenizer]:
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, dropout_rate=0.0
-    )
-    return T5EncoderModel(config).eval(), ByT5Tokenizer()
 
 
 def generator(seed=0):
@@ -84,7 +33,7 @@ def generator(seed=0):
 
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
 def test_mdit_pixel_space_output_types_and_non_square_sizes(output_type):
-    pipe = MDiTPipeline(transformer=mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
     out = pipe(
         class_labels=[1, 2],
         height=8,
@@ -104,7 +53,7 @@ def test_mdit_pixel_space_output_types_and_non_square_sizes(output_type):
 
 def test_mdit_with_vae_decodes_latents():
     vae = tiny_vae()
-    pipe = MDiTPipeline(transformer=mdit(num_classes=10), scheduler=ddim_x0(), vae=vae)
+    pipe = MDiTPipeline(transformer=tiny_mdit(num_classes=10), scheduler=ddim_x0(), vae=vae)
     assert pipe.vae_scale_factor == 2
     latents = pipe(class_labels=[3], num_inference_steps=2, output_type="latent").images
     assert latents.shape == (1, 4, 8, 8)
@@ -113,7 +62,7 @@ def test_mdit_with_vae_decodes_latents():
 
 
 def test_same_seed_same_images_other_seed_other_images():
-    pipe = MDiTPipeline(transformer=mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
 
     def run(seed):
         return pipe(class_labels=[4], num_inference_steps=3, generator=generator(seed),
@@ -124,7 +73,7 @@ def test_same_seed_same_images_other_seed_other_images():
 
 
 def test_guidance_scale_one_equals_the_conditional_branch_alone():
-    pipe = MDiTPipeline(transformer=mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
     labels = torch.tensor([2, 7])
     start = torch.randn(2, 3, 8, 8, generator=generator())
     conditional = {"class_labels": labels}
@@ -137,7 +86,7 @@ def test_guidance_scale_one_equals_the_conditional_branch_alone():
 
 
 def test_unconditional_model_uses_batch_size_and_rejects_guidance():
-    pipe = MDiTPipeline(transformer=mdit(in_channels=3), scheduler=ddim_x0())
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3), scheduler=ddim_x0())
     images = pipe(batch_size=3, num_inference_steps=2, output_type="pt").images
     assert images.shape == (3, 3, 8, 8)
     with pytest.raises(ValueError, match="unconditional branch"):
@@ -147,7 +96,7 @@ def test_unconditional_model_uses_batch_size_and_rejects_guidance():
 
 
 def test_negative_aux_conditioning_and_dynamic_thresholding():
-    model = mdit(in_channels=3, num_classes=10, use_aux_conditions=True)
+    model = tiny_mdit(in_channels=3, num_classes=10, use_aux_conditions=True)
     pipe = MDiTPipeline(transformer=model, scheduler=ddim_x0())
     kwargs = dict(class_labels=[5], num_inference_steps=3, guidance_scale=3.0, output_type="pt")
     plain = pipe(generator=generator(), **kwargs).images
@@ -162,7 +111,7 @@ def test_negative_aux_conditioning_and_dynamic_thresholding():
 
 
 def test_core_attention_and_core_patch_schedule_are_restored_after_the_call():
-    model = mdit(in_channels=3, num_classes=10)
+    model = tiny_mdit(in_channels=3, num_classes=10)
     pipe = MDiTPipeline(transformer=model, scheduler=ddim_x0())
     factors = []
 
@@ -187,7 +136,7 @@ def test_core_attention_and_core_patch_schedule_are_restored_after_the_call():
 
 
 def test_callback_can_replace_latents():
-    pipe = MDiTPipeline(transformer=mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
     calls = []
 
     def zero(pipeline, step, timestep, tensors):
@@ -213,7 +162,7 @@ def test_callback_can_replace_latents():
     ],
 )
 def test_epsilon_learned_variance_and_flow_matching_schedulers(scheduler, out_channels):
-    model = mdit(in_channels=3, out_channels=out_channels, num_classes=10)
+    model = tiny_mdit(in_channels=3, out_channels=out_channels, num_classes=10)
     pipe = MDiTPipeline(transformer=model, scheduler=scheduler)
     out = pipe(class_labels=[1, 2], num_inference_steps=3, guidance_scale=2.0, output_type="pt")
     assert out.images.shape == (2, 3, 8, 8) and torch.isfinite(out.images).all()
@@ -227,13 +176,13 @@ def test_ddim_eta_one_on_a_cosine_schedule_stays_finite():
         clip_sample=False,
         timestep_spacing="trailing",
     )
-    pipe = MDiTPipeline(transformer=mdit(in_channels=3, num_classes=10), scheduler=scheduler)
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=scheduler)
     out = pipe(class_labels=[1, 2], num_inference_steps=5, eta=1.0, output_type="pt").images
     assert torch.isfinite(out).all()
 
 
 def test_bad_sizes_and_output_types():
-    pipe = MDiTPipeline(transformer=mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
     with pytest.raises(ValueError, match="multiples of 4"):
         pipe(class_labels=[1], height=10, width=8)
     with pytest.raises(ValueError, match="output_type"):
@@ -249,7 +198,7 @@ def test_bad_sizes_and_output_types():
 
 def text_pipeline(vae=None):
     encoder, tokenizer = tiny_text_encoder()
-    model = mdit(cross_attention_dim=32, in_channels=4 if vae else 3)
+    model = tiny_mdit(cross_attention_dim=32, in_channels=4 if vae else 3)
     return MDiTTextToImagePipeline(
         transformer=model, scheduler=ddim_x0(), text_encoder=encoder, tokenizer=tokenizer, vae=vae
     )

@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusers_mdit import MDiTTransformer2DModel
+from diffusers_mdit.testing import TINY_MDIT
 from diffusers_mdit.training import (
     ActivationCapture,
     EpsilonObjective,
@@ -382,22 +383,11 @@ def test_aux_condition_dropout_drops_both_together():
 # -- a tiny MDiT learns under each objective ----------------------------------------------------
 
 
-def tiny_mdit(out_channels: int | None = None) -> MDiTTransformer2DModel:
+def fresh_tiny_mdit(out_channels: int | None = None) -> MDiTTransformer2DModel:
+    """The tiny MDiT as initialised for training (G.3), not randomised."""
     torch.manual_seed(0)
     return MDiTTransformer2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=out_channels,
-        num_outer_in_blocks=1,
-        num_outer_out_blocks=1,
-        num_alternating_blocks=2,
-        num_core_blocks=1,
-        outer_dim=32,
-        core_dim=64,
-        attention_head_dim=16,
-        outer_kernel_size=3,
-        core_kernel_size=3,
-        num_classes=10,
+        **TINY_MDIT, in_channels=3, out_channels=out_channels, num_classes=10
     )
 
 
@@ -412,7 +402,7 @@ def tiny_mdit(out_channels: int | None = None) -> MDiTTransformer2DModel:
 )
 def test_optimisation_reduces_the_loss(name, kwargs):
     objective = make_objective(name, **kwargs)
-    model = tiny_mdit(6 if kwargs.get("learned_variance") else None)
+    model = fresh_tiny_mdit(6 if kwargs.get("learned_variance") else None)
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(4, 3, 8, 8, generator=generator)
     labels = drop_labels(torch.tensor([1, 2, 3, 4]), 10, 0.1, generator)

@@ -14,25 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusers_mdit.testing import TINY_MDIT
 from diffusers_mdit.training.trainer import add_arguments, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "training", "train_mdit.py")
 
-TINY = dict(
-    num_outer_in_blocks=1,
-    num_outer_out_blocks=1,
-    num_alternating_blocks=2,
-    num_core_blocks=1,
-    outer_dim=32,
-    core_dim=64,
-    attention_head_dim=16,
-    outer_kernel_size=3,
-    core_kernel_size=3,
-)
 
-
-def flags(tmp_path, output, model=TINY, **extra) -> list[str]:
+def flags(tmp_path, output, model=TINY_MDIT, **extra) -> list[str]:
     config = tmp_path / f"config-{abs(hash(json.dumps(model)))}.json"
     config.write_text(json.dumps(model))
     values = dict(
@@ -57,15 +46,6 @@ def flags(tmp_path, output, model=TINY, **extra) -> list[str]:
 
 def parse(argv: list[str]):
     return add_arguments(argparse.ArgumentParser()).parse_args(argv)
-
-
-def weights_at_init(tmp_path) -> dict[str, torch.Tensor]:
-    """The tiny model as the trainer initialises it (seed 3)."""
-    from diffusers_mdit import MDiTTransformer2DModel
-
-    torch.manual_seed(3)
-    config = dict(TINY, sample_size=8, in_channels=3, out_channels=3, num_classes=10)
-    return {k: v.clone() for k, v in MDiTTransformer2DModel(**config).state_dict().items()}
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
@@ -113,7 +93,7 @@ def test_a_run_killed_at_an_arbitrary_step_resumes_to_identical_weights(tmp_path
 
 
 def test_resolution_not_divisible_by_the_patching_is_reported(tmp_path):
-    model = {**TINY, "core_patch_size": 3}  # size multiple 6; the digits come at 8
+    model = {**TINY_MDIT, "core_patch_size": 3}  # size multiple 6; the digits come at 8
     with pytest.raises(ValueError, match="multiple of 6"):
         train(parse(flags(tmp_path, tmp_path / "bad", model=model, max_train_steps=1)))
 
