@@ -113,7 +113,11 @@ class ImageDataset(Dataset):
         self.mode = "RGB" if channels == 3 else "L"
         self.random_flip = random_flip
         self.image_column = image_column
-        self.label_column = label_column if label_column in data.column_names else None
+        # Labels are read once: row access decodes the image too, and the trainer reads the
+        # labels of a whole global batch on every process.
+        self.labels = (
+            [int(v) for v in data[label_column]] if label_column in data.column_names else None
+        )
 
     def __len__(self) -> int:
         return len(self.data)
@@ -141,4 +145,4 @@ class ImageDataset(Dataset):
 
     def label(self, index: int) -> int:
         """The class of item ``index`` without decoding its image (-1 when unlabelled)."""
-        return int(self.data[index][self.label_column]) if self.label_column else -1
+        return self.labels[index] if self.labels is not None else -1

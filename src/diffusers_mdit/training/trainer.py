@@ -130,8 +130,7 @@ def build_dataset(args):
         image_column=args.image_column,
         label_column=args.label_column,
     )
-    labels = data.data[data.label_column] if data.label_column else []
-    return data, (max(labels) + 1 if len(labels) else 0)
+    return data, (max(data.labels) + 1 if data.labels else 0)
 
 
 def build_model(args, num_classes: int, channels: int):
