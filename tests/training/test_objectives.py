@@ -23,6 +23,7 @@ from diffusers_mdit.training import (
     X0Objective,
     drop_aux_conditions,
     drop_labels,
+    drop_text_conditions,
     make_objective,
     min_snr_weight,
     patch_regularization_loss,
@@ -378,6 +379,24 @@ def test_aux_condition_dropout_drops_both_together():
     assert torch.equal(new_scale == 0, new_aspect == 0)
     assert abs((new_scale == 0).float().mean().item() - 0.1) < 0.01
     assert set(new_scale.unique().tolist()) == {0.0, 0.75}
+
+
+def test_caption_dropout_masks_whole_captions_like_the_pipelines_unconditional_branch():
+    states, mask = torch.randn(20_000, 3, 2) + 5, torch.ones(20_000, 3, dtype=torch.long)
+    new_states, new_mask = drop_text_conditions(states, mask, 0.1, torch.Generator().manual_seed(0))
+    dropped = torch.rand(20_000, generator=torch.Generator().manual_seed(0)) < 0.1
+    assert new_mask.dtype == torch.long and abs(dropped.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(new_mask.sum(1) == 0, dropped)
+    assert torch.equal(new_mask[~dropped], mask[~dropped])
+    assert torch.equal(new_states[dropped], torch.zeros_like(states[dropped]))
+    assert torch.equal(new_states[~dropped], states[~dropped])
+    # A process's share of a global batch drops what the whole batch drops.
+    whole = drop_text_conditions(states[:8], mask[:8], 0.5, torch.Generator().manual_seed(1))[1]
+    parts = [
+        drop_text_conditions(states[s], mask[s], 0.5, torch.Generator().manual_seed(1), s, 8)[1]
+        for s in (slice(0, 4), slice(4, 8))
+    ]
+    assert torch.equal(torch.cat(parts), whole) and 0 < int((whole.sum(1) == 0).sum()) < 8
 
 
 # -- a tiny MDiT learns under each objective ----------------------------------------------------

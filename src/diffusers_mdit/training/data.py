@@ -2,7 +2,8 @@
 
 Every dataset yields ``{"pixel_values": (C, R, R) float in [-1, 1], "class_labels": int}``
 (``class_labels`` is -1 for unlabelled data), the layout pixel-space training and VAE encoding
-both take.
+both take. :class:`ImageDataset` items also carry ``original_size`` ``(width, height)``, from
+which latent preparation derives the auxiliary scale and aspect conditions.
 """
 
 from __future__ import annotations
@@ -124,25 +125,35 @@ class ImageDataset(Dataset):
 
     def transform(self, image) -> torch.Tensor:
         """Resize the shorter side, center-crop, to ``(C, R, R)`` in [-1, 1]."""
-        image = image.convert(self.mode)
-        scale = self.resolution / min(image.size)
-        size = (max(self.resolution, round(image.width * scale)),
-                max(self.resolution, round(image.height * scale)))  # fmt: skip
-        image = image.resize(size, resample=3)  # bicubic
-        left = (image.width - self.resolution) // 2
-        top = (image.height - self.resolution) // 2
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        tensor = torch.from_numpy(array.reshape(self.resolution, self.resolution, -1))
-        return tensor.permute(2, 0, 1).contiguous()
+        return resize_center_crop(image, self.resolution, self.mode)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        row = self.data[index]
-        pixels = self.transform(row[self.image_column])
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int | tuple[int, int]]:
+        image = self.data[index][self.image_column]
+        pixels = self.transform(image)
         if self.random_flip and torch.rand(()) < 0.5:
             pixels = pixels.flip(-1)
-        return {"pixel_values": pixels, "class_labels": self.label(index)}
+        return {
+            "pixel_values": pixels,
+            "class_labels": self.label(index),
+            "original_size": (image.width, image.height),
+        }
 
     def label(self, index: int) -> int:
         """The class of item ``index`` without decoding its image (-1 when unlabelled)."""
         return self.labels[index] if self.labels is not None else -1
+
+
+def resize_center_crop(image, resolution: int, mode: str = "RGB") -> torch.Tensor:
+    """A PIL image converted to ``mode``, its shorter side resized (bicubic) to ``resolution``
+    and center-cropped, as ``(C, R, R)`` in [-1, 1]."""
+    image = image.convert(mode)
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)),
+            max(resolution, round(image.height * scale)))  # fmt: skip
+    image = image.resize(size, resample=3)  # bicubic
+    left = (image.width - resolution) // 2
+    top = (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array.reshape(resolution, resolution, -1))
+    return tensor.permute(2, 0, 1).contiguous()

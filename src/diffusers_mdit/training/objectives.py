@@ -572,3 +572,33 @@ def drop_aux_conditions(
         torch.where(dropped, torch.zeros_like(image_scale), image_scale),
         torch.where(dropped, torch.zeros_like(aspect_ratio), aspect_ratio),
     )
+
+
+def drop_text_conditions(
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor,
+    probability: float = 0.1,
+    generator: torch.Generator | None = None,
+    share: slice | None = None,
+    global_batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption dropout: drop a sample's whole text with ``probability`` (0.1 for CC3M) by zeroing
+    its states and every entry of its mask, which is exactly the unconditional input of
+    :class:`~diffusers_mdit.MDiTTextToImagePipeline` (the model then attends to its time and
+    null tokens only).
+
+    In distributed training the tensors are one process's ``share`` of a global batch of
+    ``global_batch_size``: the draws are made for the whole global batch and sliced, as in
+    :meth:`TrainingObjective.prepare`.
+    """
+    size = global_batch_size or encoder_hidden_states.shape[0]
+    draws = _uniform(size, generator, encoder_hidden_states.device)[share or slice(None)]
+    dropped = draws < probability
+    return (
+        torch.where(
+            dropped[:, None, None], torch.zeros_like(encoder_hidden_states), encoder_hidden_states
+        ),
+        torch.where(
+            dropped[:, None], torch.zeros_like(encoder_attention_mask), encoder_attention_mask
+        ),
+    )
