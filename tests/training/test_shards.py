@@ -1,0 +1,155 @@
+"""Latent shards: preparation round trips (latents, flips, labels, aux values, text states,
+metadata), random access, and the errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import webdataset
+
+from diffusers_mdit import MDiTPipeline, MDiTTextToImagePipeline
+from diffusers_mdit.testing import ddim_x0, tiny_mdit, tiny_text_encoder, tiny_vae
+from diffusers_mdit.training.data import ImageDataset
+from diffusers_mdit.training.shards import LatentShardDataset, LatentShardWriter, encode_latents
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_spec = importlib.util.spec_from_file_location(
+    "prepare_latents", os.path.join(ROOT, "training", "prepare_latents.py")
+)
+prepare_latents = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prepare_latents)
+
+# (width, height) -> (image_scale, aspect_ratio) at resolution 16, by hand: the scale is the
+# shorter side over 16 when the image is upscaled, else 1; the aspect ratio is width / height.
+SIZES = {(20, 10): (0.625, 2.0), (16, 32): (1.0, 0.5), (12, 12): (0.75, 1.0)}
+CAPTIONS = ["a red cat", "a blue dog sitting on a very long bench in the park", "sky", "a bird"]
+
+
+def prepare(*argv: str) -> dict:
+    return prepare_latents.main([*argv, "--resolution", "16", "--dataloader_num_workers", "0"])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    images = []
+    for label in ("cats", "dogs"):
+        (root / "images" / label).mkdir(parents=True)
+        for i, (w, h) in enumerate(SIZES):
+            image = PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            image.save(root / "images" / label / f"{i}.png")
+            images.append(image)
+    with webdataset.TarWriter(str(root / "cc3m-000.tar")) as tar:
+        for i, caption in enumerate(CAPTIONS):
+            tar.write({"__key__": f"{i:04d}", "jpg": images[i], "txt": caption})
+    tiny_vae().save_pretrained(root / "vae")
+    encoder, tokenizer = tiny_text_encoder()
+    encoder.save_pretrained(root / "t5")
+    tokenizer.save_pretrained(root / "t5")
+    return root
+
+
+@pytest.fixture(scope="module")
+def latents(folder):
+    prepare("--train_data_dir", str(folder / "images"), "--output_dir", str(folder / "latents"),
+            "--pretrained_vae_model_name_or_path", str(folder / "vae"), "--shard_size", "4",
+            "--batch_size", "4")  # fmt: skip
+    return folder / "latents"
+
+
+@pytest.fixture(scope="module")
+def text_latents(folder):
+    prepare("--webdataset_urls", str(folder / "cc3m-{000..000}.tar"),
+            "--output_dir", str(folder / "text"), "--pretrained_vae_model_name_or_path",
+            str(folder / "vae"), "--text_encoder_name_or_path", str(folder / "t5"))  # fmt: skip
+    return folder / "text"
+
+
+def test_latent_shards_round_trip(folder, latents):
+    data = LatentShardDataset(str(latents))
+    meta = json.loads((latents / "metadata.json").read_text())
+    assert meta["vae"] == str(folder / "vae") and meta["scaling_factor"] == 0.18215
+    assert meta["num_classes"] == 2 and meta["class_names"] == ["cats", "dogs"]
+    assert meta["num_samples"] == len(data) == 6 and meta["shards"] == [
+        "shard-000000.tar", "shard-000001.tar"]  # fmt: skip
+    assert data.latent_shape == (4, 8, 8) and data.has_flips and not data.has_text
+    images, vae = ImageDataset(train_data_dir=str(folder / "images"), resolution=16), tiny_vae()
+    pixels = torch.stack([images[i]["pixel_values"] for i in range(6)])
+    with torch.no_grad():
+        expected = vae.encode(pixels).latent_dist.mean * 0.18215
+        flipped = vae.encode(pixels.flip(-1)).latent_dist.mean * 0.18215
+    stored = torch.stack([data[i]["latents"] for i in range(6)])
+    stored_flips = torch.stack([data.item(i, flip=True)["latents"] for i in range(6)])
+    torch.testing.assert_close(stored, expected, atol=2e-3, rtol=2e-3)  # float16 storage
+    torch.testing.assert_close(stored_flips, flipped, atol=2e-3, rtol=2e-3)
+    # The flipped image's latent is not the flipped latent: the VAE is not flip-equivariant.
+    assert (stored_flips - stored.flip(-1)).abs().max() > 0.01
+    rows = {(data.label(i), data[i]["image_scale"], data[i]["aspect_ratio"]) for i in range(6)}
+    assert rows == {(label, *aux) for label in (0, 1) for aux in SIZES.values()}
+    scale, aspect = data.aux_conditions([5, 0])
+    assert (scale[0], aspect[0]) == (data[5]["image_scale"], data[5]["aspect_ratio"])
+
+
+def test_a_glob_selects_shards_and_reads_them_at_random(latents):
+    everything = LatentShardDataset(str(latents))
+    second = LatentShardDataset(str(latents / "shard-000001.tar"))
+    assert len(second) == 2
+    for i in (1, 0):
+        torch.testing.assert_close(second[i]["latents"], everything[4 + i]["latents"])
+        assert second.label(i) == everything.label(4 + i)
+
+
+def test_latents_are_stored_as_the_pipelines_decode_them():
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=1.5, shift_factor=0.25)
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=4), scheduler=ddim_x0(), vae=vae)
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        direct = vae.decode(vae.encode(image).latent_dist.mean).sample
+        decoded = pipe.decode(encode_latents(vae, image), output_type="pt")
+    torch.testing.assert_close(decoded, (direct / 2 + 0.5).clamp(0, 1))
+
+
+def test_text_shards_round_trip(folder, text_latents):
+    data = LatentShardDataset(str(text_latents))
+    meta = data.metadata
+    assert meta["text_encoder"] == str(folder / "t5") and meta["max_sequence_length"] == 16
+    assert meta["num_classes"] == 0 and meta["text_embedding_shape"] == [16, 32]
+    assert len(data) == 4 and data.has_text and not data.has_flips
+    assert [data.caption(i) for i in range(4)] == CAPTIONS
+    assert [data.label(i) for i in range(4)] == [-1] * 4
+    # ByT5 tokens are the UTF-8 bytes and </s>: the long caption is cut to 16 tokens.
+    masks = [data[i]["encoder_attention_mask"] for i in range(4)]
+    assert [int(m.sum()) for m in masks] == [10, 16, 4, 7]
+    encoder, tokenizer = tiny_text_encoder()
+    pipe = MDiTTextToImagePipeline(
+        transformer=tiny_mdit(cross_attention_dim=32), scheduler=ddim_x0(),
+        text_encoder=encoder, tokenizer=tokenizer)  # fmt: skip
+    states, mask = pipe.encode_prompt(CAPTIONS)
+    stored = torch.stack([data[i]["encoder_hidden_states"] for i in range(4)])
+    torch.testing.assert_close(stored, states, atol=5e-3, rtol=2e-3)  # float16 storage
+    assert torch.equal(torch.stack(masks), mask)
+    assert (data.item(0)["aspect_ratio"], data.item(0)["image_scale"]) == (2.0, 0.625)
+    with pytest.raises(ValueError, match="no flipped latents"):
+        data.item(0, flip=True)
+
+
+def test_unfinished_or_reused_shard_folders_are_reported(tmp_path, latents):
+    with pytest.raises(ValueError, match="matches no folder or shards"):
+        LatentShardDataset(str(tmp_path / "nope"))
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "shard-000000.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="did not finish"):
+        LatentShardDataset(str(tmp_path / "partial"))
+    with pytest.raises(ValueError, match="already holds latent shards"):
+        LatentShardWriter(str(latents))
+    with pytest.raises(ValueError, match="do not exist"):
+        prepare("--webdataset_urls", str(tmp_path / "cc3m-{000..002}.tar"),
+                "--output_dir", str(tmp_path / "x"))  # fmt: skip
