@@ -1,8 +1,9 @@
 """Latent shards: preparation round trips (latents, flips, labels, aux values, text states,
-metadata), random access, and the errors."""
+metadata), random access, training from shards into loadable pipelines, and the errors."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -12,11 +13,14 @@ import PIL.Image
 import pytest
 import torch
 import webdataset
+from safetensors.torch import load_file
 
 from diffusers_mdit import MDiTPipeline, MDiTTextToImagePipeline
-from diffusers_mdit.testing import ddim_x0, tiny_mdit, tiny_text_encoder, tiny_vae
+from diffusers_mdit.testing import TINY_MDIT, ddim_x0, tiny_mdit, tiny_text_encoder, tiny_vae
+from diffusers_mdit.training.checkpointing import step_generator
 from diffusers_mdit.training.data import ImageDataset
 from diffusers_mdit.training.shards import LatentShardDataset, LatentShardWriter, encode_latents
+from diffusers_mdit.training.trainer import add_arguments, load_items, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location(
@@ -106,6 +110,18 @@ def test_a_glob_selects_shards_and_reads_them_at_random(latents):
         assert second.label(i) == everything.label(4 + i)
 
 
+def test_flips_are_drawn_for_the_global_batch_from_the_step_generator(latents):
+    data, ids = LatentShardDataset(str(latents)), [5, 0, 3, 1, 4, 2]
+    whole = load_items(data, ids, slice(None), step_generator(0, 3), random_flip=True)
+    halves = [load_items(data, ids, s, step_generator(0, 3), random_flip=True)
+              for s in (slice(0, 3), slice(3, 6))]  # fmt: skip
+    expected = (torch.rand(6, generator=step_generator(0, 3)) < 0.5).tolist()
+    assert 0 < sum(expected) < 6
+    for item, half_item, i, flip in zip(whole, halves[0] + halves[1], ids, expected, strict=True):
+        assert torch.equal(item["latents"], data.item(i, flip=flip)["latents"])
+        assert torch.equal(item["latents"], half_item["latents"])
+
+
 def test_latents_are_stored_as_the_pipelines_decode_them():
     vae = tiny_vae()
     vae.register_to_config(scaling_factor=1.5, shift_factor=0.25)
@@ -141,6 +157,55 @@ def test_text_shards_round_trip(folder, text_latents):
         data.item(0, flip=True)
 
 
+def flags(tmp_path, output, model=TINY_MDIT, **extra) -> argparse.Namespace:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(model))
+    values = dict(output_dir=output, model_config=config, train_batch_size=4, max_train_steps=2,
+                  checkpointing_steps=1, learning_rate=2e-3, report_to="none", seed=1)  # fmt: skip
+    values.update(extra)
+    argv = []
+    for key, value in values.items():
+        argv += [f"--{key}"] if value is None else [f"--{key}", str(value)]
+    return add_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def test_training_from_latent_shards_resumes_exactly_and_saves_a_pipeline_with_the_vae(
+    tmp_path, latents
+):
+    shards = dict(train_shards=latents, random_flip=None, use_aux_conditions=None)
+    reference = train(flags(tmp_path, tmp_path / "a", validation_steps=2, num_validation_steps=1,
+                            **shards))  # fmt: skip
+    assert os.path.isfile(tmp_path / "a" / "samples" / "step-000002.png")
+    train(flags(tmp_path, tmp_path / "b", **{**shards, "max_train_steps": 1}))
+    resumed = train(flags(tmp_path, tmp_path / "b", resume_from_checkpoint="latest", **shards))
+    expected, actual = weights(reference.pipeline_dir), weights(resumed.pipeline_dir)
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    pipe = MDiTPipeline.from_pretrained(reference.pipeline_dir)
+    config = pipe.transformer.config
+    assert pipe.vae is not None and config.use_aux_conditions and config.num_classes == 2
+    assert (config.in_channels, config.sample_size) == (4, 8)
+    images = pipe(class_labels=[1], image_scale=1.0, aspect_ratio=1.0, num_inference_steps=2,
+                  output_type="pt").images  # fmt: skip
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_training_from_text_shards_saves_a_text_to_image_pipeline(tmp_path, text_latents):
+    result = train(flags(tmp_path, tmp_path / "out", train_shards=text_latents, validation_steps=2,
+                         num_validation_steps=1))  # fmt: skip
+    assert np.isfinite(result.final_loss)
+    assert os.path.isfile(tmp_path / "out" / "samples" / "step-000002.png")
+    pipe = MDiTTextToImagePipeline.from_pretrained(result.pipeline_dir)
+    assert pipe.transformer.config.cross_attention_dim == 32
+    assert pipe.transformer.config.num_classes == 0 and pipe.vae is not None
+    images = pipe("a red cat", num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
 def test_unfinished_or_reused_shard_folders_are_reported(tmp_path, latents):
     with pytest.raises(ValueError, match="matches no folder or shards"):
         LatentShardDataset(str(tmp_path / "nope"))
@@ -153,3 +218,25 @@ def test_unfinished_or_reused_shard_folders_are_reported(tmp_path, latents):
     with pytest.raises(ValueError, match="do not exist"):
         prepare("--webdataset_urls", str(tmp_path / "cc3m-{000..002}.tar"),
                 "--output_dir", str(tmp_path / "x"))  # fmt: skip
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare("--train_data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "x"))
+
+
+def test_training_errors_name_the_fix(tmp_path, latents, text_latents):
+    def fails(match, **extra):
+        with pytest.raises(ValueError, match=match):
+            train(flags(tmp_path, tmp_path / "out", **extra))
+
+    (tmp_path / "empty").mkdir()
+    fails("holds no .tar shards", train_shards=tmp_path / "empty")
+    fails("no text embeddings", train_shards=latents, model={**TINY_MDIT, "cross_attention_dim": 8})
+    fails("store no flipped latents", train_shards=text_latents, random_flip=None)
+    fails("needs --train_shards", use_aux_conditions=None)
+    fails("need an MDiT", train_shards=text_latents,
+          model=dict(_class_name="DiffiTTransformer2DModel", hidden_size=32, num_layers=1,
+                     num_attention_heads=2))  # fmt: skip
+    other = tiny_vae()
+    other.register_to_config(scaling_factor=0.13025)
+    other.save_pretrained(tmp_path / "other-vae")
+    fails("not the VAE of these latents", train_shards=latents,
+          pretrained_vae_model_name_or_path=tmp_path / "other-vae")  # fmt: skip

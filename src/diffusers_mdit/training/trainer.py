@@ -3,12 +3,14 @@
 It wires the library pieces: a dataset (:mod:`.data`), a model from a preset or a config JSON,
 an objective with its regularisers (:mod:`.objectives`, :mod:`.losses`), accelerate for devices,
 mixed precision and distribution, diffusers' ``EMAModel``, and atomic checkpoints with exact
-resumption (:mod:`.checkpointing`).
+resumption (:mod:`.checkpointing`). With ``--train_shards`` it trains on precomputed latents
+(:mod:`.shards`): class-conditional, with auxiliary scale/aspect conditions, or text-to-image,
+and saves the pipeline with the shards' VAE (and text encoder).
 
-Exact resumption: batches, noise, timesteps and dropout of a step come from a generator seeded
-with (seed, step, process) and indices that are a function of the step, so nothing depends on
-state other than the checkpointed model, EMA, optimizer and LR schedule. On CPU a run killed at
-any step and resumed ends with the same weights as an uninterrupted one.
+Exact resumption: batches, noise, timesteps, dropout and latent flips of a step come from a
+generator seeded with (seed, step, process) and indices that are a function of the step, so
+nothing depends on state other than the checkpointed model, EMA, optimizer and LR schedule. On
+CPU a run killed at any step and resumed ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..models import (
     from_preset,
 )
 from ..models.presets import PRESET_OWNERS
-from ..pipelines import DiffiTPipeline, MDiTPipeline
+from ..pipelines import DiffiTPipeline, MDiTPipeline, MDiTTextToImagePipeline
 from .checkpointing import (
     batch_indices,
     load_checkpoint,
@@ -45,7 +47,8 @@ from .checkpointing import (
 )
 from .data import DIGITS_CLASSES, DigitsDataset, ImageDataset
 from .losses import ActivationCapture, scheduled_weight, training_losses
-from .objectives import drop_labels, make_objective
+from .objectives import drop_aux_conditions, drop_labels, drop_text_conditions, make_objective
+from .shards import LatentShardDataset
 
 # The pipeline that samples each model family (saved at the end of training).
 PIPELINES = {
@@ -76,7 +79,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--image_column", default="image")
     add("--label_column", default="label")
     add("--resolution", type=int, default=16)
-    add("--random_flip", action="store_true")
+    add(
+        "--random_flip",
+        action="store_true",
+        help="Horizontal flips at random; latent shards draw the stored flipped latent.",
+    )
+    add(
+        "--train_shards",
+        default=None,
+        help="Latent shards (a folder or a glob) written by training/prepare_latents.py; "
+        "replaces the image dataset, the model size follows the latents (--resolution unused).",
+    )
+    add(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="VAE of the final pipeline and validation grids; default: the shards' VAE.",
+    )
+    add(
+        "--text_encoder_name_or_path",
+        default=None,
+        help="Text encoder of the final pipeline (text shards); default: the shards' encoder.",
+    )
+    add("--caption_dropout", type=float, default=0.1, help="Text dropout for CFG (text shards).")
+    add(
+        "--use_aux_conditions",
+        action="store_true",
+        help="Condition an MDiT on the shards' image scale and aspect ratio (G.4, ImageNet).",
+    )
+    add("--aux_dropout", type=float, default=0.1, help="Scale/aspect dropout (G.4).")
     add("--unconditional", action="store_true", help="Ignore labels (num_classes=0).")
     add("--prediction_type", choices=["x0", "epsilon", "flow"], default="x0")
     add("--snr_gamma", type=float, default=5.0, help="Min-SNR gamma (x0, epsilon).")
@@ -104,6 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
     add("--validation_steps", type=int, default=0, help="Sample grid PNG every N steps.")
     add("--num_validation_steps", type=int, default=25, help="Sampler steps for grids.")
+    add(
+        "--validation_prompts",
+        nargs="+",
+        default=None,
+        help="Prompts of the text grids; default: the first 4 captions of the shards.",
+    )
     add("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     add("--push_to_hub", action="store_true")
     add("--hub_model_id", default=None)
@@ -120,6 +156,9 @@ class TrainResult:
 
 
 def build_dataset(args):
+    if args.train_shards:
+        shards = LatentShardDataset(args.train_shards)
+        return shards, shards.num_classes
     if args.train_data_dir is None and args.dataset_name == "digits":
         return DigitsDataset(resolution=args.resolution, channels=3), DIGITS_CLASSES
     data = ImageDataset(
@@ -133,12 +172,22 @@ def build_dataset(args):
     return data, (max(data.labels) + 1 if data.labels else 0)
 
 
-def build_model(args, num_classes: int, channels: int):
+def build_model(
+    args,
+    num_classes: int,
+    channels: int,
+    sample_size: int | None = None,
+    cross_attention_dim: int | None = None,
+):
     """The model of ``--preset`` or ``--model_config`` for this data (channels, classes,
-    resolution, learned variance)."""
+    resolution or latent ``sample_size``, learned variance, text width, auxiliary conditions)."""
     out_channels = 2 * channels if args.learned_variance else channels
     overrides = dict(in_channels=channels, out_channels=out_channels, num_classes=num_classes)
-    overrides["sample_size"] = args.resolution
+    overrides["sample_size"] = sample_size or args.resolution
+    if cross_attention_dim is not None:
+        overrides["cross_attention_dim"] = cross_attention_dim
+    if args.use_aux_conditions:
+        overrides["use_aux_conditions"] = True
     if args.model_config:
         with open(args.model_config) as f:
             config = json.load(f)
@@ -148,20 +197,54 @@ def build_model(args, num_classes: int, channels: int):
             raise ValueError(
                 f"{args.model_config} configures {name!r}; trainable models: {sorted(classes)}."
             )
+        family = classes[name]
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        model = classes[name].from_config({**config, **overrides})
     else:
         if args.preset not in PRESET_OWNERS:
             raise ValueError(
                 f"Unknown preset {args.preset!r}; available: {', '.join(PRESET_OWNERS)}."
             )
-        model = from_preset(args.preset, **overrides)
-    if args.resolution % model.size_multiple:
+        family = PRESET_OWNERS[args.preset]
+    if family is not MDiTTransformer2DModel and (
+        cross_attention_dim is not None or args.use_aux_conditions
+    ):
         raise ValueError(
-            f"--resolution {args.resolution} must be a multiple of {model.size_multiple} "
-            "(the model's patching); choose another resolution or preset."
+            f"Text and auxiliary conditions need an MDiT; {family.__name__} takes class labels "
+            "only. Choose an MDiT preset or config."
+        )
+    if args.model_config:
+        model = family.from_config({**config, **overrides})
+    else:
+        model = from_preset(args.preset, **overrides)
+    size = overrides["sample_size"]
+    if size % model.size_multiple:
+        what = f"The shards' latent size {size}" if sample_size else f"--resolution {size}"
+        raise ValueError(
+            f"{what} must be a multiple of {model.size_multiple} (the model's patching); "
+            "choose another resolution or preset."
         )
     return model
+
+
+def check_data_arguments(args, dataset) -> None:
+    """Clear errors for flags that the training data cannot serve."""
+    if not isinstance(dataset, LatentShardDataset):
+        for flag in (
+            "use_aux_conditions",
+            "pretrained_vae_model_name_or_path",
+            "text_encoder_name_or_path",
+        ):
+            if getattr(args, flag):
+                raise ValueError(
+                    f"--{flag} needs --train_shards (latent shards from "
+                    "training/prepare_latents.py); pixel datasets have no VAE, text or "
+                    "auxiliary values."
+                )
+    elif args.random_flip and not dataset.has_flips:
+        raise ValueError(
+            f"--random_flip: the shards in {dataset.folder!r} store no flipped latents (caption "
+            "shards never do); drop the flag."
+        )
 
 
 def sampling_scheduler(objective):
@@ -189,10 +272,15 @@ def save_grid(images: torch.Tensor, rows: int, path: str) -> None:
     PIL.Image.fromarray(array.squeeze(-1) if c == 1 else array).save(path)
 
 
-def sample_grid(pipe, num_classes: int, per_class: int, steps: int, seed: int) -> torch.Tensor:
-    """``per_class`` samples of every class (rows = classes), or ``per_class`` x 10
-    unconditional ones, as ``(N, C, H, W)`` in [0, 1]."""
+def sample_grid(
+    pipe, num_classes: int, per_class: int, steps: int, seed: int, prompts=None
+) -> torch.Tensor:
+    """``per_class`` samples of every class (rows = classes) or of every prompt (rows =
+    prompts), or ``per_class`` x 10 unconditional ones, as ``(N, C, H, W)`` in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)
+    if prompts:
+        return pipe(prompt=list(prompts), num_images_per_prompt=per_class, generator=generator,
+                    num_inference_steps=steps, output_type="pt").images  # fmt: skip
     if num_classes:
         labels = [c for c in range(num_classes) for _ in range(per_class)]
         return pipe(class_labels=labels, num_inference_steps=steps, generator=generator,
@@ -214,8 +302,33 @@ def train(args) -> TrainResult:
     set_seed(args.seed)
     dataset, num_classes = build_dataset(args)
     num_classes = 0 if args.unconditional else num_classes
-    channels = dataset[0]["pixel_values"].shape[0]
-    model = build_model(args, num_classes, channels)
+    check_data_arguments(args, dataset)
+    shards = isinstance(dataset, LatentShardDataset)
+    if shards:
+        channels, _, sample_size = dataset.latent_shape
+        model = build_model(args, num_classes, channels, sample_size, dataset.text_embedding_dim)
+    else:
+        channels = dataset[0]["pixel_values"].shape[0]
+        model = build_model(args, num_classes, channels)
+    use_text = shards and dataset.has_text
+    if getattr(model.config, "cross_attention_dim", None) is not None and not use_text:
+        raise ValueError(
+            f"The model is a text model (cross_attention_dim={model.config.cross_attention_dim}) "
+            "but the training data has no text embeddings: prepare caption shards with "
+            "training/prepare_latents.py --webdataset_urls ... and pass --train_shards, or drop "
+            "cross_attention_dim from the model config."
+        )
+    use_aux = shards and getattr(model.config, "use_aux_conditions", False)
+    # The pipeline's other components, for validation grids and the final pipeline.
+    components, prompts = {}, None
+    if shards and accelerator.is_main_process:
+        components["vae"] = dataset.load_vae(args.pretrained_vae_model_name_or_path)
+        if use_text:
+            encoder, tokenizer = dataset.load_text_encoder(args.text_encoder_name_or_path)
+            components.update(text_encoder=encoder, tokenizer=tokenizer)
+            prompts = args.validation_prompts or [
+                dataset.caption(i) for i in range(min(4, len(dataset)))
+            ]
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     kwargs = {} if args.prediction_type == "flow" else {"snr_gamma": args.snr_gamma}
@@ -289,18 +402,34 @@ def train(args) -> TrainResult:
                     accelerator.process_index * args.train_batch_size,
                     (accelerator.process_index + 1) * args.train_batch_size,
                 )
-                items = [dataset[i] for i in ids[share]]
-                x0 = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
+                items = load_items(dataset, ids, share, generator, args.random_flip)
+                key = "latents" if shards else "pixel_values"
+                x0 = torch.stack([item[key] for item in items]).to(accelerator.device)
                 noisy = objective.prepare(x0, generator, share, global_batch)
                 labels = None
                 if num_classes:
                     labels = torch.tensor([dataset.label(i) for i in ids])
                     labels = drop_labels(labels, num_classes, args.label_dropout, generator)
                     labels = labels[share].to(accelerator.device)
+                conditions = {}
+                if use_aux:
+                    scale, aspect = drop_aux_conditions(
+                        *dataset.aux_conditions(ids), args.aux_dropout, generator
+                    )
+                    conditions["image_scale"] = scale[share].to(accelerator.device)
+                    conditions["aspect_ratio"] = aspect[share].to(accelerator.device)
+                if use_text:
+                    states, mask = drop_text_conditions(
+                        torch.stack([item["encoder_hidden_states"] for item in items]),
+                        torch.stack([item["encoder_attention_mask"] for item in items]),
+                        args.caption_dropout, generator, share, global_batch,
+                    )  # fmt: skip
+                    conditions["encoder_hidden_states"] = states.to(accelerator.device)
+                    conditions["encoder_attention_mask"] = mask.to(accelerator.device)
                 with accelerator.accumulate(model):
                     output = model(
                         noisy.noisy, noisy.model_timesteps.to(accelerator.device),
-                        class_labels=labels,
+                        class_labels=labels, **conditions,
                     ).sample  # fmt: skip
                     activation = capture.take() if capture is not None else None
                     patch_weight = scheduled_weight(
@@ -341,7 +470,10 @@ def train(args) -> TrainResult:
                     accelerator, args.output_dir, step, total_limit=args.checkpoints_total_limit
                 )
             if args.validation_steps and step % args.validation_steps == 0:
-                validate(args, accelerator, unwrapped, ema, objective, num_classes, step)
+                validate(
+                    args, accelerator, unwrapped, ema, objective, num_classes, step,
+                    components, prompts,
+                )  # fmt: skip
         if step < args.max_train_steps or step % max(args.checkpointing_steps, 1):
             save_checkpoint(
                 accelerator, args.output_dir, step, total_limit=args.checkpoints_total_limit
@@ -355,12 +487,12 @@ def train(args) -> TrainResult:
 
     pipeline_dir = args.output_dir
     if step >= args.max_train_steps and accelerator.is_main_process:
-        pipe = final_pipeline(unwrapped, ema, objective)
+        pipe = final_pipeline(unwrapped, ema, objective, **components)
         pipe.save_pretrained(pipeline_dir)
         if args.push_to_hub:
             pipe.push_to_hub(
                 args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                training_data=args.train_data_dir or args.dataset_name,
+                training_data=args.train_shards or args.train_data_dir or args.dataset_name,
                 training_steps=step,
                 existing_model_card="keep",  # an existing README is the user's: never replaced
             )
@@ -369,23 +501,46 @@ def train(args) -> TrainResult:
     return TrainResult(pipeline_dir=pipeline_dir, final_loss=loss_value, steps=step)
 
 
-def final_pipeline(model, ema, objective):
-    """A pipeline with the trained weights (the EMA's when kept) and the matching scheduler."""
+def load_items(dataset, ids: list[int], share: slice, generator, random_flip: bool) -> list[dict]:
+    """This process's items ``ids[share]`` of a global batch. Latent shards with
+    ``random_flip`` take each sample's stored flipped latent with probability 1/2, drawn from
+    the step ``generator`` for the whole global batch (so resumed runs see the same flips)."""
+    if not (random_flip and isinstance(dataset, LatentShardDataset)):
+        return [dataset[i] for i in ids[share]]
+    flips = (torch.rand(len(ids), generator=generator) < 0.5)[share].tolist()
+    return [dataset.item(i, flip) for i, flip in zip(ids[share], flips, strict=True)]
+
+
+def final_pipeline(model, ema, objective, vae=None, text_encoder=None, tokenizer=None):
+    """A pipeline with the trained weights (the EMA's when kept), the matching scheduler and,
+    for latent models, the VAE; a text encoder makes it an ``MDiTTextToImagePipeline``."""
     transformer = type(model).from_config(model.config)
     transformer.load_state_dict(model.state_dict())
     if ema is not None:
         ema.copy_to(transformer.parameters())
+    scheduler = sampling_scheduler(objective)
+    if text_encoder is not None:
+        return MDiTTextToImagePipeline(
+            transformer=transformer.eval(),
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            vae=vae,
+        )
     pipeline = PIPELINES[type(model)]
-    return pipeline(transformer=transformer.eval(), scheduler=sampling_scheduler(objective))
+    return pipeline(transformer=transformer.eval(), scheduler=scheduler, vae=vae)
 
 
 @torch.no_grad()
-def validate(args, accelerator, model, ema, objective, num_classes, step) -> None:
-    """A sample grid (one row per class) as ``samples/step-<step>.png``."""
+def validate(
+    args, accelerator, model, ema, objective, num_classes, step, components=None, prompts=None
+) -> None:
+    """A sample grid (one row per class or prompt) as ``samples/step-<step>.png``."""
     if not accelerator.is_main_process:
         return
-    pipe = final_pipeline(model, ema, objective)
-    images = sample_grid(pipe, num_classes, 8, args.num_validation_steps, args.seed)
+    pipe = final_pipeline(model, ema, objective, **(components or {})).to(accelerator.device)
+    images = sample_grid(pipe, num_classes, 8, args.num_validation_steps, args.seed, prompts)
     folder = os.path.join(args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
-    save_grid(images, num_classes or 10, os.path.join(folder, f"step-{step:06d}.png"))
+    rows = len(prompts) if prompts else num_classes or 10
+    save_grid(images, rows, os.path.join(folder, f"step-{step:06d}.png"))
