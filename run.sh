@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone; needs only python3.
-#   ./run.sh demo [args]   set up, then run the main job (mdit-demo)
+#   ./run.sh demo [args]   set up, then run the main job (mdit-demo: train an MDiT on digits)
+#   ./run.sh sizes [args]  set up, then print model sizes and costs (mdit-sizes)
 #   ./run.sh test [args]   set up, then run the test suite (pytest -m "not slow")
 # Set-up: a virtualenv in .venv (override with VENV=...), PyTorch (TORCH_SPEC, default
 # torch==2.13.0; set e.g. TORCH_SPEC="torch" on a CUDA machine), this package with its test
@@ -26,6 +27,7 @@ command=${1:-}
 shift || true
 case "$command" in
   demo) exec "$PY" -m diffusers_mdit "$@" ;;
+  sizes) exec "$PY" -c "from diffusers_mdit.cli import sizes; sizes()" "$@" ;;
   test) exec "$PY" -m pytest -m "not slow" -q "$@" ;;
-  *) echo "usage: ./run.sh {demo|test} [args]" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh {demo|sizes|test} [args]" >&2; exit 2 ;;
 esac

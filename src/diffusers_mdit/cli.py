@@ -51,9 +51,10 @@ def diffit_table() -> str:
     return "\n".join(rows)
 
 
-def demo(argv: list[str] | None = None) -> None:
-    """Build a model, run a forward pass on a random latent, print its size and cost."""
-    parser = argparse.ArgumentParser(description=demo.__doc__)
+def sizes(argv: list[str] | None = None) -> None:
+    """Build a model, run a forward pass on a random latent, print its size and cost, and the
+    table of every preset."""
+    parser = argparse.ArgumentParser(prog="mdit-sizes", description=sizes.__doc__)
     parser.add_argument("--preset", default="MDiT-B", choices=MDiTTransformer2DModel.list_presets())
     parser.add_argument("--resolution", type=int, default=32, help="latent height and width")
     parser.add_argument("--batch_size", type=int, default=1)
@@ -99,6 +100,13 @@ def demo(argv: list[str] | None = None) -> None:
         print(preset_table(args.resolution, args.resolution))
         print("\nDiffiT presets at their training size (class-conditional where the preset is):")
         print(diffit_table())
+
+
+def demo(argv: list[str] | None = None) -> None:
+    """The main job (``./run.sh demo``): train an MDiT on the digits; see :mod:`.demo`."""
+    from .demo import main
+
+    main(argv)
 
 
 if __name__ == "__main__":
