@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_mdit.testing import TINY_MDIT
-from diffusers_mdit.training.trainer import add_arguments, train
+from diffusers_mdit.training.trainer import add_arguments, save_grid, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "training", "train_mdit.py")
@@ -182,3 +182,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert 0 < step < 10_000
     assert (out / f"checkpoint-{step}" / "training_state.json").exists()
     assert not (out / "model_index.json").exists()  # unfinished runs save no pipeline
+
+
+def test_save_grid_puts_image_i_at_row_i_div_cols_with_padding(tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    images = torch.arange(6, dtype=torch.float32).div(10).view(6, 1, 1, 1).expand(6, 1, 3, 4)
+    save_grid(images, rows=2, path=str(tmp_path / "grid.png"), padding=1)
+    grid = np.asarray(PIL.Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 4 + 1, 3 * 5 + 1)
+    for i in range(6):
+        r, k = divmod(i, 3)
+        cell = grid[1 + r * 4 : 1 + r * 4 + 3, 1 + k * 5 : 1 + k * 5 + 4]
+        assert (cell == round(i / 10 * 255)).all()
+    assert (grid[0] == 128).all() and (grid[:, 0] == 128).all()  # padding

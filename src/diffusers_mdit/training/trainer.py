@@ -257,17 +257,19 @@ def sampling_scheduler(objective):
     return objective.noise_scheduler.__class__.from_config(config)
 
 
-def save_grid(images: torch.Tensor, rows: int, path: str) -> None:
-    """``(N, C, H, W)`` images in [0, 1] as a PNG grid with ``rows`` rows."""
+def save_grid(images: torch.Tensor, rows: int, path: str, padding: int = 2) -> None:
+    """``(N, C, H, W)`` images in [0, 1] as a PNG grid with ``rows`` rows, the images
+    separated by ``padding`` grey pixels."""
     import numpy as np
     import PIL.Image
 
     n, c, h, w = images.shape
     cols = math.ceil(n / rows)
-    grid = torch.ones(c, rows * h, cols * w)
+    grid = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), 0.5)
     for i, image in enumerate(images.clamp(0, 1).cpu()):
         r, k = divmod(i, cols)
-        grid[:, r * h : (r + 1) * h, k * w : (k + 1) * w] = image
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        grid[:, top : top + h, left : left + w] = image
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     PIL.Image.fromarray(array.squeeze(-1) if c == 1 else array).save(path)
 
