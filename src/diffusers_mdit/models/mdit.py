@@ -431,6 +431,48 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             raise ValueError(f"The core resample factor must be >= 1, got {factor}.")
         self.core_resample_factor = int(factor)
 
+    @torch.no_grad()
+    def expand_core_patch(self, factor: int = 2) -> None:
+        """Patch-only fine-tuning (appendix J.2): grow the core patch from ``p`` to
+        ``factor * p`` by replication, so the core keeps its grid size on ``factor``-times larger
+        inputs.
+
+        The new patch embedding averages each ``factor x factor`` group of outer tokens before
+        applying the old one (average pooling on the way in); the new un-patching repeats each
+        old output token ``factor x factor`` times (nearest-neighbour on the way out). On an
+        input upsampled by ``factor`` the core therefore starts from exactly what it computed on
+        the original input. The new patch size is written to the config, so the model saves and
+        loads as it is.
+        """
+        if factor < 2:
+            raise ValueError(f"expand_core_patch needs a factor >= 2, got {factor}.")
+        old = self.config.core_patch_size
+        new = old * factor
+        embed, unpatch = self.core_patch_embed, self.core_unpatch
+        channels_in = embed.proj.in_features // old**2
+        channels_out = unpatch.proj.out_features // old**2
+        device, dtype = embed.proj.weight.device, embed.proj.weight.dtype
+
+        # Both maps are linear: read the new matrices off the responses to basis vectors.
+        n = channels_in * new**2
+        basis = split_tokens(torch.eye(n, device=device, dtype=dtype).view(n, 1, 1, n), new)
+        pooled = F.avg_pool2d(basis.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)
+        embed_weight = embed.proj(merge_tokens(pooled, old)).view(n, -1).T
+        m = unpatch.proj.in_features
+        tokens = unpatch.proj(torch.eye(m, device=device, dtype=dtype).view(m, 1, 1, m))
+        upsampled = split_tokens(tokens, old).repeat_interleave(factor, 1)
+        upsampled = upsampled.repeat_interleave(factor, 2)
+        unpatch_weight = merge_tokens(upsampled, new).view(m, -1).T
+
+        self.core_patch_embed = PatchEmbed(channels_in, embed.proj.out_features, new)
+        self.core_patch_embed.proj.weight.copy_(embed_weight)
+        self.core_unpatch = Unpatch(m, channels_out, new)
+        self.core_unpatch.norm.load_state_dict(unpatch.norm.state_dict())
+        self.core_unpatch.proj.weight.copy_(unpatch_weight)
+        self.core_patch_embed.to(device=device, dtype=dtype)
+        self.core_unpatch.to(device=device, dtype=dtype)
+        self.register_to_config(core_patch_size=new, sample_size=self.config.sample_size * factor)
+
     def _resample(self, h: torch.Tensor, down: bool) -> torch.Tensor:
         factor = self.core_resample_factor
         if factor == 1:

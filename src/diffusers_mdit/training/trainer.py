@@ -46,6 +46,7 @@ from .checkpointing import (
     step_generator,
 )
 from .data import DIGITS_CLASSES, DigitsDataset, ImageDataset
+from .finetuning import FINETUNE_MODES, load_pretrained_model, prepare_finetuning
 from .losses import ActivationCapture, scheduled_weight, training_losses
 from .objectives import drop_aux_conditions, drop_labels, drop_text_conditions, make_objective
 from .shards import LatentShardDataset
@@ -139,6 +140,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="Prompts of the text grids; default: the first 4 captions of the shards.",
+    )
+    add(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="Start from a trained model: a saved pipeline folder (its transformer/) or model "
+        "folder. --preset/--model_config are then unused.",
+    )
+    add(
+        "--finetune",
+        choices=FINETUNE_MODES,
+        default=None,
+        help="With --pretrained_model_name_or_path: train everything (full, the default), only "
+        "the aggregate blocks with neighborhood core attention (aggregate, MDiT J.1), only the "
+        "replicated larger core patch projections (patch, J.2), or LoRA adapters (lora).",
+    )
+    add("--core_kernel_size", type=int, default=15, help="--finetune aggregate: NA kernel.")
+    add("--lora_rank", type=int, default=16)
+    add("--lora_alpha", type=float, default=None, help="LoRA alpha; default: the rank.")
+    add(
+        "--lora_target_modules",
+        nargs="+",
+        default=None,
+        help="Module names or groups to adapt; default: attention and feed-forward projections.",
     )
     add("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     add("--push_to_hub", action="store_true")
@@ -247,6 +271,45 @@ def check_data_arguments(args, dataset) -> None:
         )
 
 
+def finetuning_model(
+    args, accelerator, num_classes, channels, sample_size, cross_attention_dim=None
+):
+    """The ``--pretrained_model_name_or_path`` model set up for ``--finetune``, checked
+    against what the training data needs."""
+    if not args.pretrained_model_name_or_path:
+        raise ValueError(
+            f"--finetune {args.finetune} needs --pretrained_model_name_or_path (a saved "
+            "pipeline or model folder)."
+        )
+    pretrained = load_pretrained_model(args.pretrained_model_name_or_path)
+    needs = dict(
+        in_channels=channels, num_classes=num_classes, cross_attention_dim=cross_attention_dim
+    )
+    for key, need in needs.items():
+        have = getattr(pretrained.config, key, None)
+        if (have or None) != (need or None):
+            raise ValueError(
+                f"The pretrained model has {key}={have} but the training data needs {need}; "
+                "fine-tune on data like the model's (same channels, classes and text encoder)."
+            )
+    summary = prepare_finetuning(
+        pretrained,
+        args.finetune or "full",
+        kernel_size=args.core_kernel_size,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_target_modules,
+    )
+    if sample_size % pretrained.size_multiple:
+        raise ValueError(
+            f"Size {sample_size} must be a multiple of {pretrained.size_multiple} (the "
+            "fine-tuned model's patching); choose another --resolution."
+        )
+    pretrained.register_to_config(sample_size=sample_size)
+    accelerator.print(f"{summary} (from {args.pretrained_model_name_or_path})")
+    return pretrained
+
+
 def sampling_scheduler(objective):
     """The scheduler a model trained with ``objective`` is sampled with (saved with it)."""
     config = objective.noise_scheduler.config
@@ -308,10 +371,14 @@ def train(args) -> TrainResult:
     shards = isinstance(dataset, LatentShardDataset)
     if shards:
         channels, _, sample_size = dataset.latent_shape
-        model = build_model(args, num_classes, channels, sample_size, dataset.text_embedding_dim)
+        needs = (num_classes, channels, sample_size, dataset.text_embedding_dim)
     else:
         channels = dataset[0]["pixel_values"].shape[0]
-        model = build_model(args, num_classes, channels)
+        needs = (num_classes, channels, args.resolution, None)
+    if args.pretrained_model_name_or_path or args.finetune:
+        model = finetuning_model(args, accelerator, *needs)
+    else:
+        model = build_model(args, *needs)
     use_text = shards and dataset.has_text
     if getattr(model.config, "cross_attention_dim", None) is not None and not use_text:
         raise ValueError(
@@ -338,8 +405,9 @@ def train(args) -> TrainResult:
         kwargs["learned_variance"] = args.learned_variance
     objective = make_objective(args.prediction_type, **kwargs)
 
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        trainable,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -350,7 +418,7 @@ def train(args) -> TrainResult:
     ema = None
     if args.use_ema:
         ema = EMAModel(
-            model.parameters(),
+            trainable,
             decay=args.ema_decay,
             model_cls=type(model),
             model_config=model.config,
@@ -461,7 +529,7 @@ def train(args) -> TrainResult:
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.step(unwrapped.parameters())
+                ema.step(trainable)
             step += 1
             loss_value = accelerator.gather(loss.detach()[None]).mean().item()
             progress.update(1)
@@ -517,9 +585,13 @@ def final_pipeline(model, ema, objective, vae=None, text_encoder=None, tokenizer
     """A pipeline with the trained weights (the EMA's when kept), the matching scheduler and,
     for latent models, the VAE; a text encoder makes it an ``MDiTTextToImagePipeline``."""
     transformer = type(model).from_config(model.config)
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        transformer.add_adapter(config, adapter_name=name)  # LoRA: the same adapters
     transformer.load_state_dict(model.state_dict())
-    if ema is not None:
-        ema.copy_to(transformer.parameters())
+    if ema is not None:  # the EMA holds the trained parameters only (all, unless fine-tuning)
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        ema.copy_to([p for name, p in transformer.named_parameters() if name in trained])
+    transformer.requires_grad_(False)
     scheduler = sampling_scheduler(objective)
     if text_encoder is not None:
         return MDiTTextToImagePipeline(
