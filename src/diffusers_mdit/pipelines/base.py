@@ -23,6 +23,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..hub import HubPipelineMixin
+from ..lora import MDiTLoraLoaderMixin
 from .guidance import (
     apply_guidance,
     dynamic_threshold,
@@ -53,8 +54,10 @@ def sampling_arguments(call_arguments: dict[str, Any]) -> dict[str, Any]:
     return {name: call_arguments[name] for name in SAMPLING_ARGUMENTS}
 
 
-class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline):
-    """Base class; subclasses build the conditioning and call :meth:`sample`."""
+class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLoraLoaderMixin):
+    """Base class; subclasses build the conditioning and call :meth:`sample`. The transformer's
+    LoRA adapters load, save and fuse through :class:`~diffusers_mdit.lora.MDiTLoraLoaderMixin`.
+    """
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
