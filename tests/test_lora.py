@@ -1,0 +1,321 @@
+"""LoRA through PEFT: which modules the target groups adapt, that every adapted module acts on
+the output, the pipeline round trip (weights and alpha), fusing, and loading errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from safetensors import safe_open
+from torch import nn
+
+from diffusers_mdit import (
+    DiffiTPipeline,
+    DiffiTTransformer2DModel,
+    DiffiTUNet2DModel,
+    MDiTPipeline,
+    MDiTTextToImagePipeline,
+)
+from diffusers_mdit.lora import (
+    LORA_TARGET_GROUPS,
+    get_lora_metadata,
+    get_lora_state_dict,
+    lora_config,
+)
+from diffusers_mdit.testing import ddim_x0, randomize, tiny_mdit, tiny_text_encoder
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def adapted_modules(model: nn.Module) -> set[str]:
+    return {
+        name.removesuffix(".lora_A")
+        for name, _ in model.named_modules()
+        if name.endswith(".lora_A")
+    }
+
+
+def perturb_lora_b(
+    model: nn.Module, seed: int = 1, only: str | None = None, std: float = 0.1
+) -> None:
+    """Random ``lora_B`` (PEFT starts it at zero, where no test of the adapter could fail)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and (only is None or name.startswith(f"{only}.lora_B")):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def model_inputs(model: nn.Module) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8, generator=generator),
+        timestep=torch.tensor([10.0, 500.0]),
+    )
+    if model.config.num_classes:
+        inputs["class_labels"] = torch.tensor([0, 1])
+    return inputs
+
+
+def predict(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**model_inputs(model)).sample
+
+
+def sample(pipe, **call) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return pipe(num_inference_steps=2, generator=generator, output_type="latent", **call).images
+
+
+# -- target groups ----------------------------------------------------------------------------
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def test_default_targets_are_the_blocks_attention_and_feed_forward_projections():
+    model = tiny_mdit(num_classes=3)
+    # By hand: every Linear inside a block except the modulation projections (norm*.linear).
+    in_blocks = [n for n in linear_names(model) if "_blocks." in n and ".norm" not in n]
+    assert len(in_blocks) == 2 * 6 + 2 * 12 + 6  # 2 outer, 2 core, 1 aggregate block
+    model.add_adapter(lora_config(rank=2))
+    assert adapted_modules(model) == set(in_blocks)
+    assert not any(n.startswith("condition_embedding") for n in adapted_modules(model))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        DiffiTTransformer2DModel(
+            sample_size=8, hidden_size=32, num_layers=2, num_attention_heads=2
+        ),
+        DiffiTUNet2DModel(
+            sample_size=16,
+            block_out_channels=(16, 32),
+            layers_per_level=(1, 1),
+            window_size=4,
+            attention_head_dim=8,
+            norm_num_groups=4,
+        ),
+    ],
+    ids=["diffit", "diffit_unet"],
+)
+def test_default_targets_of_diffit_models(model):
+    expected = {
+        n
+        for n in linear_names(model)
+        if n.endswith(
+            ("attn.to_qkv", "attn.time_to_qkv", "attn.to_out", "mlp.net.0.proj", "mlp.net.2")
+        )
+        and not n.startswith("time_token")
+    }
+    assert expected
+    model.add_adapter(lora_config(rank=2))
+    assert adapted_modules(model) == expected
+
+
+def test_groups_and_module_names_select_targets():
+    model = tiny_mdit(num_classes=3)
+    model.add_adapter(lora_config(rank=2, target_modules=["cross_attention", "proj_in"]))
+    cross = {
+        f"core_blocks.{i}.cross_attn.{p}"
+        for i in (0, 1)
+        for p in ("to_q", "to_k_cond", "to_v_cond", "to_k_time", "to_v_time", "to_out")
+    }
+    assert adapted_modules(model) == cross | {"proj_in"}
+
+
+def test_fresh_adapter_leaves_the_model_unchanged():
+    model = tiny_mdit(num_classes=3)
+    base = predict(model)
+    model.add_adapter(lora_config(rank=4, alpha=8))
+    assert torch.equal(predict(model), base)
+
+
+@pytest.mark.parametrize("group", sorted(LORA_TARGET_GROUPS))
+def test_every_adapted_module_changes_the_output(group):
+    """Each module of the group, its lora_B perturbed alone, changes the prediction: no adapted
+    layer is bypassed (the GeGLU input projection runs inside a fused autograd function)."""
+    model = tiny_mdit(num_classes=3)
+    base = predict(model)
+    model.add_adapter(lora_config(rank=2, target_modules=group))
+    names = sorted(adapted_modules(model))
+    assert names
+    for name in names:
+        perturb_lora_b(model, only=name, std=1.0)
+        # Keys pass a per-head LayerNorm and change the output least (~1e-4).
+        assert (predict(model) - base).abs().max() > 1e-5, name
+        with torch.no_grad():
+            model.get_submodule(name).lora_B["default"].weight.zero_()
+
+
+# -- pipelines: save, load, fuse --------------------------------------------------------------
+
+
+def mdit_pipeline():
+    return MDiTPipeline(transformer=tiny_mdit(num_classes=3), scheduler=ddim_x0())
+
+
+def text_pipeline():
+    encoder, tokenizer = tiny_text_encoder()
+    model = tiny_mdit(cross_attention_dim=32)
+    return MDiTTextToImagePipeline(
+        transformer=model, scheduler=ddim_x0(), text_encoder=encoder, tokenizer=tokenizer
+    )
+
+
+def diffit_pipeline():
+    model = DiffiTTransformer2DModel(
+        sample_size=8, hidden_size=32, num_layers=2, num_attention_heads=2, num_classes=3
+    )
+    return DiffiTPipeline(transformer=randomize(model), scheduler=DDIMScheduler())
+
+
+PIPELINES = {
+    "mdit": (mdit_pipeline, dict(class_labels=[0, 2])),
+    "text": (text_pipeline, dict(prompt=["a red cube", "a cat"])),
+    "diffit": (diffit_pipeline, dict(class_labels=[0, 2])),
+}
+
+
+def save_adapter(pipe, folder, rank=4, alpha=8.0, metadata=True):
+    """Add a LoRA (seeded lora_A, random lora_B) to ``pipe.transformer``, save it to ``folder``."""
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(lora_config(rank=rank, alpha=alpha))
+    perturb_lora_b(pipe.transformer)
+    pipe.save_lora_weights(
+        folder,
+        transformer_lora_layers=get_lora_state_dict(pipe.transformer),
+        transformer_lora_adapter_metadata=get_lora_metadata(pipe.transformer) if metadata else None,
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(PIPELINES))
+def test_lora_round_trip_through_a_saved_pipeline(tmp_path, kind):
+    make, call = PIPELINES[kind]
+    pipe = make()
+    pipe.save_pretrained(tmp_path / "base")
+    base = sample(pipe, **call)
+    save_adapter(pipe, tmp_path / "lora")
+    adapted = sample(pipe, **call)
+    assert (adapted - base).abs().max() > 1e-3
+
+    fresh = type(pipe).from_pretrained(tmp_path / "base")
+    assert torch.equal(sample(fresh, **call), base)
+    fresh.load_lora_weights(tmp_path / "lora", adapter_name="style")
+    assert fresh.get_active_adapters() == ["style"]
+    torch.testing.assert_close(sample(fresh, **call), adapted, rtol=0, atol=1e-6)
+
+
+def test_alpha_survives_save_and_load(tmp_path, caplog):
+    """Equal weights saved with alpha 8 and alpha 4 (scales 2 and 1) load and sample
+    differently; saved without metadata they load as alpha = rank."""
+    samples, states = {}, {}
+    for name, alpha, metadata in [
+        ("alpha8", 8.0, True),
+        ("alpha4", 4.0, True),
+        ("bare", 8.0, False),
+    ]:
+        pipe = mdit_pipeline()
+        save_adapter(pipe, tmp_path / name, rank=4, alpha=alpha, metadata=metadata)
+        states[name] = get_lora_state_dict(pipe.transformer)
+        loaded = mdit_pipeline()
+        loaded.load_lora_weights(tmp_path / name)
+        config = loaded.transformer.peft_config["default_0"]
+        assert (config.r, config.lora_alpha) == (4, alpha if metadata else 4)
+        samples[name] = sample(loaded, class_labels=[0, 2])
+    assert "alpha = rank" in caplog.text  # the warning when saving "bare"
+    for key, value in states["alpha8"].items():
+        assert torch.equal(value, states["alpha4"][key]) and torch.equal(value, states["bare"][key])
+
+    with safe_open(tmp_path / "alpha8" / LORA_FILE, "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.r"] == 4 and metadata["transformer.lora_alpha"] == 8.0
+    assert (samples["alpha8"] - samples["alpha4"]).abs().max() > 1e-3
+    torch.testing.assert_close(samples["bare"], samples["alpha4"], rtol=0, atol=1e-6)
+
+
+def test_fuse_matches_the_adapter_and_unfuse_restores_the_base(tmp_path):
+    pipe = mdit_pipeline()
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    base = sample(pipe, class_labels=[0, 2])
+    save_adapter(pipe, tmp_path / "lora")
+    adapted = sample(pipe, class_labels=[0, 2])
+
+    pipe.fuse_lora()
+    q = pipe.transformer.core_blocks[0].attn.to_q
+    assert not torch.equal(q.base_layer.weight, weights["core_blocks.0.attn.to_q.weight"])
+    torch.testing.assert_close(sample(pipe, class_labels=[0, 2]), adapted, rtol=0, atol=1e-5)
+
+    pipe.unfuse_lora()
+    torch.testing.assert_close(
+        q.base_layer.weight, weights["core_blocks.0.attn.to_q.weight"], rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(sample(pipe, class_labels=[0, 2]), adapted, rtol=0, atol=1e-6)
+    pipe.unload_lora_weights()
+    assert not adapted_modules(pipe.transformer)
+    torch.testing.assert_close(sample(pipe, class_labels=[0, 2]), base, rtol=0, atol=1e-6)
+
+
+def test_fused_and_unloaded_model_keeps_the_adapted_outputs(tmp_path):
+    """The deployment path: fuse, drop the LoRA layers, a plain model remains."""
+    pipe = mdit_pipeline()
+    save_adapter(pipe, tmp_path / "lora")
+    adapted = sample(pipe, class_labels=[0, 2])
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert not adapted_modules(pipe.transformer)
+    assert set(pipe.transformer.state_dict()) == set(tiny_mdit(num_classes=3).state_dict())
+    torch.testing.assert_close(sample(pipe, class_labels=[0, 2]), adapted, rtol=0, atol=1e-5)
+
+
+def test_adapter_weights_and_disabling(tmp_path):
+    pipe = mdit_pipeline()
+    base = sample(pipe, class_labels=[0, 2])
+    save_adapter(pipe, tmp_path / "lora")
+    adapted = sample(pipe, class_labels=[0, 2])
+    loaded = mdit_pipeline()
+    loaded.load_lora_weights(tmp_path / "lora", adapter_name="style")
+    loaded.set_adapters("style", 0.0)
+    torch.testing.assert_close(sample(loaded, class_labels=[0, 2]), base, rtol=0, atol=1e-6)
+    loaded.set_adapters("style", 1.0)
+    loaded.disable_lora()
+    torch.testing.assert_close(sample(loaded, class_labels=[0, 2]), base, rtol=0, atol=1e-6)
+    loaded.enable_lora()
+    torch.testing.assert_close(sample(loaded, class_labels=[0, 2]), adapted, rtol=0, atol=1e-6)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_loading_into_a_model_without_the_targeted_modules_raises(tmp_path):
+    save_adapter(mdit_pipeline(), tmp_path / "lora")
+    smaller = MDiTPipeline(
+        transformer=tiny_mdit(num_classes=3, num_core_blocks=0), scheduler=ddim_x0()
+    )
+    with pytest.raises(ValueError, match=r"does not have: core_blocks\.1\.attn\.to_k"):
+        smaller.load_lora_weights(tmp_path / "lora")
+    assert not adapted_modules(smaller.transformer)
+
+
+def test_loading_into_a_model_of_other_widths_raises(tmp_path):
+    """diffusers' own error: PyTorch's size mismatch list."""
+    save_adapter(mdit_pipeline(), tmp_path / "lora")
+    wider = MDiTPipeline(transformer=tiny_mdit(num_classes=3, core_dim=96), scheduler=ddim_x0())
+    with pytest.raises(RuntimeError, match="size mismatch for core_blocks.0.attn.to_q.lora_A"):
+        wider.load_lora_weights(tmp_path / "lora")
+
+
+def test_pickle_is_refused(tmp_path):
+    pipe = mdit_pipeline()
+    with pytest.raises(ValueError, match="safe_serialization=False"):
+        pipe.save_lora_weights(
+            tmp_path,
+            transformer_lora_layers={"a.lora_A.weight": torch.ones(1)},
+            safe_serialization=False,
+        )
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        pipe.load_lora_weights(tmp_path, use_safetensors=False)
