@@ -151,3 +151,32 @@ def test_finetune_needs_a_pretrained_model_matching_the_data(tmp_path):
     with pytest.raises(ValueError, match="num_classes=0 but the training data needs 10"):
         train(parse(["--pretrained_model_name_or_path", str(folder), "--output_dir",
                      str(tmp_path / "c"), "--report_to", "none"]))  # fmt: skip
+
+
+def test_lora_mode_trains_only_the_adapter_and_saves_it_for_the_base_pipeline(tmp_path, capsys):
+    base = pretrained_pipeline(tmp_path / "base")
+    argv = ["--output_dir", str(tmp_path / "lora"), "--pretrained_model_name_or_path", base,
+            "--finetune", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--resolution", "16",
+            "--train_batch_size", "4", "--max_train_steps", "3", "--checkpointing_steps", "3",
+            "--learning_rate", "1e-3", "--report_to", "none", "--use_ema",
+            "--ema_decay", "0.5"]  # fmt: skip
+    train(add_arguments(argparse.ArgumentParser()).parse_args(argv))
+    assert "fine-tuning mode 'lora'" in capsys.readouterr().out
+    assert not (tmp_path / "lora" / "transformer").exists()  # the adapter only
+    adapter = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    assert adapter and all("lora_" in key for key in adapter)
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B trained
+
+    pipe = MDiTPipeline.from_pretrained(base)
+    original = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    labels, generator = [1, 7], lambda: torch.Generator().manual_seed(0)
+    call = dict(class_labels=labels, height=16, width=16, num_inference_steps=3, output_type="pt")
+    plain = pipe(generator=generator(), **call).images
+    pipe.load_lora_weights(tmp_path / "lora")
+    (config,) = pipe.transformer.peft_config.values()
+    assert (config.r, config.lora_alpha) == (4, 8)  # alpha survives
+    adapted = pipe(generator=generator(), **call).images
+    assert not torch.allclose(plain, adapted)
+    state = pipe.transformer.state_dict()
+    base_weights = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    assert all(torch.equal(original[k], base_weights[k]) for k in original)  # base untouched

@@ -281,6 +281,11 @@ def finetuning_model(
             f"--finetune {args.finetune} needs --pretrained_model_name_or_path (a saved "
             "pipeline or model folder)."
         )
+    if args.finetune == "lora" and args.push_to_hub:
+        raise ValueError(
+            "--push_to_hub is not supported with --finetune lora yet: upload the output "
+            "folder's pytorch_lora_weights.safetensors with `huggingface-cli upload`."
+        )
     pretrained = load_pretrained_model(args.pretrained_model_name_or_path)
     needs = dict(
         in_channels=channels, num_classes=num_classes, cross_attention_dim=cross_attention_dim
@@ -558,7 +563,18 @@ def train(args) -> TrainResult:
     pipeline_dir = args.output_dir
     if step >= args.max_train_steps and accelerator.is_main_process:
         pipe = final_pipeline(unwrapped, ema, objective, **components)
-        pipe.save_pretrained(pipeline_dir)
+        if args.finetune == "lora":
+            # diffusers' LoRA convention: the adapter only, loaded onto the base pipeline with
+            # pipe.load_lora_weights(output_dir); rank, alpha and targets in its metadata.
+            from ..lora import get_lora_metadata, get_lora_state_dict
+
+            type(pipe).save_lora_weights(
+                pipeline_dir,
+                transformer_lora_layers=get_lora_state_dict(pipe.transformer),
+                transformer_lora_adapter_metadata=get_lora_metadata(pipe.transformer),
+            )
+        else:
+            pipe.save_pretrained(pipeline_dir)
         if args.push_to_hub:
             pipe.push_to_hub(
                 args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
