@@ -23,6 +23,7 @@ import torch
 from diffusers_mdit import MDiTPipeline
 from diffusers_mdit.demo import main as demo
 from diffusers_mdit.evaluation import DigitsClassifier
+from diffusers_mdit.training.finetuning import PATCH_PROJECTIONS
 from diffusers_mdit.training.trainer import add_arguments, save_grid, train
 
 MODES = ("full", "aggregate", "patch", "lora")
@@ -114,15 +115,17 @@ def main(argv=None) -> dict:
             for name, p in pipe.transformer.named_parameters()
             if (mode == "full")
             or (mode == "aggregate" and "aggregate" in name)
-            or (mode == "patch" and name.startswith(("core_patch_embed.proj", "core_unpatch.proj")))
+            or (mode == "patch" and name in PATCH_PROJECTIONS)
             or (mode == "lora" and "lora_" in name)
         )
-        report(f"fine-tuned@32 {mode}", score(pipe, args, classifier, folder, 32), seconds, trainable)
+        report(
+            f"fine-tuned@32 {mode}", score(pipe, args, classifier, folder, 32), seconds, trainable
+        )
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=2)
-    print(f"\n| variant | trainable params | fine-tuning s | accuracy |\n|---|---|---|---|")
+    print("\n| variant | trainable params | fine-tuning s | accuracy |\n|---|---|---|---|")
     for name, r in results.items():
         trained = f"{r['trainable']:,}" if r["trainable"] is not None else "-"
         seconds = f"{r['train_seconds']:.0f}" if r["train_seconds"] is not None else "-"
