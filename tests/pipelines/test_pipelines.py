@@ -110,9 +110,16 @@ def test_negative_aux_conditioning_and_dynamic_thresholding():
     assert latents.abs().max() <= 1.4 + 1e-5
 
 
-def test_core_attention_and_core_patch_schedule_are_restored_after_the_call():
-    model = tiny_mdit(in_channels=3, num_classes=10)
-    pipe = MDiTPipeline(transformer=model, scheduler=ddim_x0())
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_core_attention_and_core_patch_schedule_are_restored_after_the_call(kind):
+    if kind == "class":
+        pipe = MDiTPipeline(
+            transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0()
+        )
+        condition = dict(class_labels=[1])
+    else:
+        pipe, condition = text_pipeline(), dict(prompt="a cat")
+    model = pipe.transformer
     factors = []
 
     def record(pipeline, step, timestep, tensors):
@@ -120,7 +127,7 @@ def test_core_attention_and_core_patch_schedule_are_restored_after_the_call():
         return tensors
 
     out = pipe(
-        class_labels=[1],
+        **condition,
         height=16,
         width=16,
         num_inference_steps=4,

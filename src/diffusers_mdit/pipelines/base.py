@@ -13,6 +13,7 @@ rectified-flow (velocity) models. Scheduler arguments that a scheduler lacks (``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +73,41 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
         return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
 
     # -- checks and inputs ---------------------------------------------------------------------
+
+    def check_core_patch_schedule(self, schedule: float | None, height: int, width: int) -> None:
+        """``core_patch_schedule`` halves the core resolution: the size must allow it."""
+        if schedule is None:
+            return
+        multiple = 2 * self.vae_scale_factor * self.transformer.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"core_patch_schedule halves the core resolution, so height and width must be "
+                f"multiples of {multiple}, got {height}x{width}."
+            )
+
+    @contextlib.contextmanager
+    def core_settings(
+        self, attention: str | None, kernel_size: int | None, patch_schedule: float | None
+    ):
+        """For one MDiT call: switch the core's self-attention (``attention``, ``kernel_size``)
+        and yield the ``before_step`` hook of the HiDiffusion-style ``patch_schedule`` (the
+        core at half resolution for that fraction of the first steps); both are restored
+        afterwards."""
+        model = self.transformer
+
+        def before_step(step: int, total: int) -> None:
+            if patch_schedule is not None:
+                model.set_core_resample_factor(2 if step < patch_schedule * total else 1)
+
+        previous = (model.config.core_attention_type, model.config.core_kernel_size)
+        if attention is not None:
+            model.set_core_attention(attention, kernel_size)
+        try:
+            yield before_step
+        finally:
+            model.set_core_resample_factor(1)
+            if attention is not None:
+                model.set_core_attention(*previous)
 
     def check_common_inputs(
         self,

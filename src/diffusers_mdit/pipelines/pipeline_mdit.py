@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -66,20 +65,6 @@ class MDiTPipeline(TransformerDiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         self._setup_image_processor()
-
-    @contextlib.contextmanager
-    def _core_attention(self, attention: str | None, kernel_size: int | None):
-        """Switch the core's self-attention for one call and restore it afterwards."""
-        if attention is None:
-            yield
-            return
-        config = self.transformer.config
-        previous = (config.core_attention_type, config.core_kernel_size)
-        self.transformer.set_core_attention(attention, kernel_size)
-        try:
-            yield
-        finally:
-            self.transformer.set_core_attention(*previous)
 
     @torch.no_grad()
     def __call__(
@@ -161,13 +146,7 @@ class MDiTPipeline(TransformerDiffusionPipeline):
                 "image_scale / aspect_ratio / negative_image_scale need a model built with "
                 "use_aux_conditions=True."
             )
-        if core_patch_schedule is not None:
-            multiple = 2 * self.vae_scale_factor * model.size_multiple
-            if height % multiple or width % multiple:
-                raise ValueError(
-                    f"core_patch_schedule halves the core resolution, so height and width must "
-                    f"be multiples of {multiple}, got {height}x{width}."
-                )
+        self.check_core_patch_schedule(core_patch_schedule, height, width)
         labels, batch = batch_labels(
             class_labels, batch_size, num_images_per_prompt, config.num_classes, device
         )
@@ -198,20 +177,7 @@ class MDiTPipeline(TransformerDiffusionPipeline):
 
         latents = self.prepare_latents(batch, height, width, generator, latents)
 
-        def before_step(step: int, total: int) -> None:
-            if core_patch_schedule is not None:
-                model.set_core_resample_factor(2 if step < core_patch_schedule * total else 1)
-
-        try:
-            with self._core_attention(core_attention, core_kernel_size):
-                return self.generate(
-                    latents,
-                    conditional,
-                    unconditional,
-                    sampling,
-                    output_type,
-                    return_dict,
-                    before_step,
-                )
-        finally:
-            model.set_core_resample_factor(1)
+        with self.core_settings(core_attention, core_kernel_size, core_patch_schedule) as before:
+            return self.generate(
+                latents, conditional, unconditional, sampling, output_type, return_dict, before
+            )

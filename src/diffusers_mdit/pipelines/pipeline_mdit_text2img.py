@@ -93,6 +93,9 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
         eta: float = 1.0,
         max_sequence_length: int = 16,
         dynamic_thresholding: tuple[float, float] | None = None,
+        core_attention: str | None = None,
+        core_kernel_size: int | None = None,
+        core_patch_schedule: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -106,7 +109,8 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
             prompt: Prompt(s).
             negative_prompt: Prompt(s) for the unconditional branch; ``None`` = no text.
             max_sequence_length: Token budget per prompt (16 in the paper).
-            Other arguments: as :meth:`MDiTPipeline.__call__`.
+            Other arguments (``core_attention``, ``core_patch_schedule`` for sizes above the
+            training size included): as :meth:`MDiTPipeline.__call__`.
         """
         sampling = sampling_arguments(locals())
         config = self.transformer.config
@@ -120,6 +124,7 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
         self.check_common_inputs(
             height, width, num_inference_steps, output_type, callback_on_step_end_tensor_inputs
         )
+        self.check_core_patch_schedule(core_patch_schedule, height, width)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
@@ -148,6 +153,7 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
                 unconditional["class_labels"] = null
 
         latents = self.prepare_latents(embeddings.shape[0], height, width, generator, latents)
-        return self.generate(
-            latents, conditional, unconditional, sampling, output_type, return_dict
-        )
+        with self.core_settings(core_attention, core_kernel_size, core_patch_schedule) as before:
+            return self.generate(
+                latents, conditional, unconditional, sampling, output_type, return_dict, before
+            )
