@@ -24,7 +24,13 @@ from diffusers_mdit.lora import (
     get_lora_state_dict,
     lora_config,
 )
-from diffusers_mdit.testing import ddim_x0, randomize, tiny_mdit, tiny_text_encoder
+from diffusers_mdit.testing import (
+    TINY_DIFFIT_UNET,
+    ddim_x0,
+    randomize,
+    tiny_mdit,
+    tiny_text_encoder,
+)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -92,14 +98,7 @@ def test_default_targets_are_the_blocks_attention_and_feed_forward_projections()
         DiffiTTransformer2DModel(
             sample_size=8, hidden_size=32, num_layers=2, num_attention_heads=2
         ),
-        DiffiTUNet2DModel(
-            sample_size=16,
-            block_out_channels=(16, 32),
-            layers_per_level=(1, 1),
-            window_size=4,
-            attention_head_dim=8,
-            norm_num_groups=4,
-        ),
+        DiffiTUNet2DModel(**TINY_DIFFIT_UNET),
     ],
     ids=["diffit", "diffit_unet"],
 )

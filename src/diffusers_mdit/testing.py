@@ -23,6 +23,16 @@ TINY_MDIT = dict(
     core_kernel_size=3,
 )
 
+# A two-level image-space DiffiT U-Net, 16x16, 4x4 windows.
+TINY_DIFFIT_UNET = dict(
+    sample_size=16,
+    block_out_channels=(16, 32),
+    layers_per_level=(1, 1),
+    window_size=4,
+    attention_head_dim=8,
+    norm_num_groups=4,
+)
+
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random weights everywhere, in eval mode: fresh models zero-initialise their output heads

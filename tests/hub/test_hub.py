@@ -33,6 +33,7 @@ from diffusers_mdit import (
 )
 from diffusers_mdit.hub import HUB_CODE_FILE, VERSION_KEY, _resource, create_model_card
 from diffusers_mdit.testing import (
+    TINY_DIFFIT_UNET,
     ddim_x0,
     randomize,
     tiny_mdit,
@@ -53,14 +54,7 @@ def tiny_pipelines() -> dict[str, tuple[DiffusionPipeline, dict]]:
     """Every pipeline kind, each with JSON-able call arguments for the fresh processes."""
     vae = tiny_vae()
     text_encoder, tokenizer = tiny_text_encoder()
-    diffit = DiffiTUNet2DModel(
-        sample_size=16,
-        block_out_channels=(16, 32),
-        layers_per_level=(1, 1),
-        window_size=4,
-        attention_head_dim=8,
-        norm_num_groups=4,
-    )
+    diffit = DiffiTUNet2DModel(**TINY_DIFFIT_UNET)
     return {
         "mdit": (
             MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0()),

@@ -16,6 +16,7 @@ from diffusers_mdit import (
     MDiTTextToImagePipeline,
 )
 from diffusers_mdit.testing import (
+    TINY_DIFFIT_UNET,
     ddim_x0,
     randomize,
     tiny_mdit,
@@ -253,16 +254,7 @@ def test_diffit_latent_class_conditional_with_three_channel_power_cosine_guidanc
 
 
 def test_diffit_image_space_unconditional():
-    model = randomize(
-        DiffiTUNet2DModel(
-            sample_size=16,
-            block_out_channels=(16, 32),
-            layers_per_level=(1, 1),
-            window_size=4,
-            attention_head_dim=8,
-            norm_num_groups=4,
-        )
-    )
+    model = randomize(DiffiTUNet2DModel(**TINY_DIFFIT_UNET))
     pipe = DiffiTPipeline(transformer=model, scheduler=DDIMScheduler())
     images = pipe(batch_size=2, num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 3, 16, 16)
