@@ -23,7 +23,6 @@ import torch
 from diffusers_mdit import MDiTPipeline
 from diffusers_mdit.demo import main as demo
 from diffusers_mdit.evaluation import DigitsClassifier
-from diffusers_mdit.training.finetuning import PATCH_PROJECTIONS
 from diffusers_mdit.training.trainer import add_arguments, save_grid, train
 
 MODES = ("full", "aggregate", "patch", "lora")
@@ -103,24 +102,15 @@ def main(argv=None) -> dict:
             "--seed", str(args.seed),
         ]  # fmt: skip
         start = time.perf_counter()
-        train(add_arguments(argparse.ArgumentParser()).parse_args(flags))
+        result = train(add_arguments(argparse.ArgumentParser()).parse_args(flags))
         seconds = time.perf_counter() - start
         if mode == "lora":
             pipe = MDiTPipeline.from_pretrained(args.base)
             pipe.load_lora_weights(folder)
         else:
             pipe = MDiTPipeline.from_pretrained(folder)
-        trainable = sum(
-            p.numel()
-            for name, p in pipe.transformer.named_parameters()
-            if (mode == "full")
-            or (mode == "aggregate" and "aggregate" in name)
-            or (mode == "patch" and name in PATCH_PROJECTIONS)
-            or (mode == "lora" and "lora_" in name)
-        )
-        report(
-            f"fine-tuned@32 {mode}", score(pipe, args, classifier, folder, 32), seconds, trainable
-        )
+        accuracy = score(pipe, args, classifier, folder, 32)
+        report(f"fine-tuned@32 {mode}", accuracy, seconds, result.trainable_parameters)
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:

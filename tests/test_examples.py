@@ -37,3 +37,8 @@ def test_finetune_digits_runs_every_mode_and_writes_results(tmp_path):
     assert saved.keys() == results.keys()
     assert all(0 <= r["accuracy"] <= 1 for r in saved.values())
     assert (tmp_path / "out" / "finetune-patch" / "samples.png").is_file()
+    trainable = {mode: saved[f"fine-tuned@32 {mode}"]["trainable"] for mode in ("full", "patch")}
+    assert trainable["full"] == sum(p.numel() for p in model.parameters())
+    grown = MDiTPipeline.from_pretrained(tmp_path / "out" / "finetune-patch").transformer
+    patch = (grown.core_patch_embed.proj.weight, grown.core_unpatch.proj.weight)
+    assert trainable["patch"] == sum(p.numel() for p in patch)

@@ -177,6 +177,7 @@ class TrainResult:
     pipeline_dir: str
     final_loss: float
     steps: int
+    trainable_parameters: int = 0
 
 
 def build_dataset(args):
@@ -584,7 +585,12 @@ def train(args) -> TrainResult:
             )
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(pipeline_dir=pipeline_dir, final_loss=loss_value, steps=step)
+    return TrainResult(
+        pipeline_dir=pipeline_dir,
+        final_loss=loss_value,
+        steps=step,
+        trainable_parameters=sum(p.numel() for p in trainable),
+    )
 
 
 def load_items(dataset, ids: list[int], share: slice, generator, random_flip: bool) -> list[dict]:
