@@ -1,0 +1,63 @@
+"""``mdit-explain ANALYSIS MODEL_OR_PIPELINE_DIR --output_dir DIR``.
+
+Each analysis lives in its own module of this package, which provides ``HELP`` (one line),
+``add_arguments(parser)`` for its own options, and ``run_cli(loaded, args) -> dict``: it runs
+the analysis on the loaded model, writes its PNGs into ``args.output_dir`` and returns the
+numbers, which this command writes to ``DIR/<analysis>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+import torch
+
+from .common import load_for_analysis, write_json
+
+# Subcommand -> module of this package.
+ANALYSES = {
+    "rope-probe": "rope_probe",
+    "mlp-probe": "mlp_probe",
+    "core-contribution": "core_contribution",
+    "spectrum": "spectrum",
+    "focal": "focal",
+    "destructive": "destructive",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mdit-explain",
+        description="Explainability analyses of a saved MDiT model or pipeline (MDiT paper "
+        "section 4, appendices D, F.2, I.5, M). Writes OUTPUT_DIR/<analysis>.json and PNGs.",
+    )
+    commands = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    for name, module_name in ANALYSES.items():
+        module = importlib.import_module(f".{module_name}", __package__)
+        sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
+        sub.add_argument("model", metavar="MODEL_OR_PIPELINE_DIR", help="pipeline or model folder")
+        sub.add_argument("--output_dir", required=True, help="where the JSON and PNGs go")
+        sub.add_argument(
+            "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+        )
+        sub.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+        module.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(f".{ANALYSES[args.analysis]}", __package__)
+    loaded = load_for_analysis(args.model, device=args.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    result = module.run_cli(loaded, args)
+    path = write_json(result, os.path.join(args.output_dir, f"{args.analysis}.json"))
+    print(f"{args.analysis}: wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
