@@ -152,7 +152,9 @@ def test_precision_recall_match_a_naive_loop():
 
     def naive(a, b, k=3):  # fraction of b inside the k-NN balls of a
         radii = [sorted(np.linalg.norm(a - p, axis=1))[k] for p in a]
-        return np.mean([any(np.linalg.norm(q - p) <= r for p, r in zip(a, radii)) for q in b])
+        return np.mean(
+            [any(np.linalg.norm(q - p) <= r for p, r in zip(a, radii, strict=True)) for q in b]
+        )
 
     precision, recall = precision_recall(real, fake, batch_size=7)
     assert precision == pytest.approx(naive(real, fake)) and recall == pytest.approx(
