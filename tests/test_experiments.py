@@ -1,0 +1,82 @@
+"""The reproduction experiments of experiments/: their arithmetic, and --quick smoke runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+
+
+def load_experiment(name: str):
+    sys.path.insert(0, EXPERIMENTS)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(EXPERIMENTS)
+
+
+def stages(values, flops_per_step):
+    return [
+        {"step": step, "fd": fd, "train_flops": step * flops_per_step}
+        for step, fd in zip((100, 200, 400, 800), values, strict=True)
+    ]
+
+
+def test_speedup_counts_the_steps_each_arm_needs_to_reach_the_dit_final_quality():
+    convergence = load_experiment("convergence")
+    runs = {
+        "mdit": {0: stages([30, 12, 6, 5], 2.0), 1: stages([40, 30, 25, 20], 2.0)},
+        "dit": {0: stages([35, 20, 12, 12], 1.0), 1: stages([30, 25, 15, 9], 1.0)},
+    }
+    seed0, seed1 = convergence.speedups(runs)
+    # Seed 0: the DiT's final FD 12 is first reached at its step 400; MDiT reaches it at 200.
+    assert (seed0["dit_step"], seed0["mdit_step"]) == (400, 200)
+    assert seed0["step_speedup"] == 2.0
+    assert seed0["flop_speedup"] == pytest.approx(400 * 1.0 / (200 * 2.0))
+    # Seed 1: MDiT never reaches FD 9, so there is no speedup to report.
+    assert seed1["mdit_step"] is None and seed1["step_speedup"] is None
+
+
+def test_dit_analog_matches_mdit_parameters_within_ten_percent():
+    from diffusers_mdit.profiling import config_cost
+
+    common = load_experiment("common")
+    extra = dict(sample_size=16, in_channels=3, out_channels=3, num_classes=10)
+    mdit = config_cost(dict(common.MDIT_DIGITS, **extra), 16, 16).parameters
+    dit = config_cost(dict(common.DIT_DIGITS, **extra), 16, 16).parameters
+    assert abs(dit / mdit - 1) < 0.1
+
+
+def test_sample_variances_is_eq2_variance_per_sample_and_channel():
+    import torch
+
+    variance_matching = load_experiment("variance_matching")
+    images = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = np.array([[images[b, c].flatten().var().item() for c in range(2)] for b in range(3)])
+    np.testing.assert_allclose(variance_matching.sample_variances(images), expected.flatten(), 1e-5)
+
+
+@pytest.mark.parametrize("name", ["convergence", "variance_matching"])
+def test_quick_run_writes_raw_numbers_and_plots(tmp_path, name):
+    experiment = load_experiment(name)
+    sys.path.insert(0, EXPERIMENTS)
+    try:
+        result = experiment.main(
+            ["--quick", "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path)]
+        )
+    finally:
+        sys.path.remove(EXPERIMENTS)
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert all(np.isfinite(row["fd"]) and 0 <= row["accuracy"] <= 1 for row in saved["rows"])
+    assert (tmp_path / f"{name}.csv").is_file() and (tmp_path / f"{name}.png").is_file()
