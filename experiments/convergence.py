@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -132,6 +131,7 @@ def plot(runs, path: str) -> None:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     figure.suptitle("Convergence on the digits (16x16), one line per seed")
+    figure.subplots_adjust(wspace=0.3)
     save_figure(figure, path)
 
 
@@ -183,17 +183,22 @@ def main(argv=None) -> dict:
             print(f"{name:<22} {step:>6} " + " ".join(f"{c:>16}" for c in cells))
     print("(cells: Frechet distance in the digits features, conditional accuracy)")
     for row in ratios:
+        if row["mdit_step"] is None:
+            reached = "MDiT never reached it (no speedup: below 1)"
+        else:
+            reached = (
+                f"MDiT reached it at step {row['mdit_step']}: speedup "
+                f"{row['step_speedup']:.2f}x in steps, {row['flop_speedup']:.2f}x in FLOPs"
+            )
         print(
-            f"seed {row['seed']}: DiT final FD {row['dit_final_fd']:.2f} first at step "
-            f"{row['dit_step']}; MDiT reached it at step {row['mdit_step']}; speedup "
-            f"{row['step_speedup']} in steps, {row['flop_speedup']} in FLOPs"
+            f"seed {row['seed']}: DiT final FD {row['dit_final_fd']:.2f}, first reached at "
+            f"step {row['dit_step']}; {reached}"
         )
-    valid = [r["step_speedup"] for r in ratios if r["step_speedup"]]
-    if len(valid) > 1:
-        print(
-            f"step speedup over seeds: mean {statistics.mean(valid):.2f}, "
-            f"min {min(valid):.2f}, max {max(valid):.2f}"
-        )
+    reached = sorted(r["step_speedup"] for r in ratios if r["step_speedup"] is not None)
+    print(
+        f"step speedup over {len(ratios)} seeds: {', '.join(f'{v:.2f}' for v in reached)}"
+        f"{' and ' if reached else ''}{len(ratios) - len(reached)} not reached"
+    )
     return result
 
 
