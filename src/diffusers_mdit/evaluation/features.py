@@ -45,7 +45,7 @@ class MetricUnavailableError(RuntimeError):
     def __init__(self, metric: str, missing: str, remedy: str, cause: BaseException):
         self.metric = metric
         super().__init__(
-            f"{metric} is unavailable: {missing} ({type(cause).__name__}: {cause}). {remedy}"
+            f"{metric} unavailable: {missing} ({type(cause).__name__}: {cause}). {remedy}"
         )
 
 
@@ -79,13 +79,16 @@ class InceptionV3Features:
         weights_path: A local copy of torch-fidelity's ``weights-inception-2015-12-05-
             6726825d.pth``; ``None`` uses (or downloads into) the torch hub cache.
         device: Where the network runs.
-        metric: The metric name for error messages.
+        metric: The metric name(s) for error messages.
     """
 
     keys = ("pool3", "logits", "spatial")
 
     def __init__(
-        self, weights_path: str | None = None, device: str | torch.device = "cpu", metric="FID"
+        self,
+        weights_path: str | None = None,
+        device: str | torch.device = "cpu",
+        metric: str = "fid",
     ):
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -145,7 +148,7 @@ class DINOv2Features:
     def __init__(self, model: str = DINOV2_MODEL, device: str | torch.device = "cpu"):
         from transformers import AutoModel
 
-        network = _load_hf(AutoModel.from_pretrained, model, "DINOv2-FID", "--dinov2_model")
+        network = _load_hf(AutoModel.from_pretrained, model, "fd_dinov2", "--dinov2_model")
         self.network = network.to(device).eval()
         self.device = device
 
@@ -187,8 +190,8 @@ class CLIPFeatures:
         if network is None or processor is None:
             from transformers import CLIPModel, CLIPProcessor
 
-            network = _load_hf(CLIPModel.from_pretrained, model, "CLIP score", "--clip_model")
-            processor = _load_hf(CLIPProcessor.from_pretrained, model, "CLIP score", "--clip_model")
+            network = _load_hf(CLIPModel.from_pretrained, model, "clip_score", "--clip_model")
+            processor = _load_hf(CLIPProcessor.from_pretrained, model, "clip_score", "--clip_model")
         self.network = network.to(device).eval()
         self.processor = processor
         self.device = device

@@ -204,19 +204,21 @@ def evaluate(
     if "clip_score" in names and samples.texts is None:
         raise ValueError("clip_score needs the samples' captions (metadata.jsonl 'text').")
 
-    # Load every network first, so a missing one fails before minutes of feature extraction.
+    # Load the pretrained networks first, so a missing one fails before any other work.
     extractors = {}
-    if {"fd_classifier", "accuracy"} & set(names):
-        extractors["classifier"] = ClassifierFeatures(
-            classifier or train_classifier(reference, seed)
-        )
     inception = [n for n in names if n in INCEPTION_METRICS]
     if inception:
-        extractors["inception"] = InceptionV3Features(inception_weights, device, inception[0])
+        extractors["inception"] = InceptionV3Features(
+            inception_weights, device, ", ".join(inception)
+        )
     if "fd_dinov2" in names:
         extractors["dinov2"] = DINOv2Features(dinov2_model, device)
     if "clip_score" in names:
         extractors["clip"] = clip or CLIPFeatures(clip_model, device)
+    if {"fd_classifier", "accuracy"} & set(names):
+        extractors["classifier"] = ClassifierFeatures(
+            classifier or train_classifier(reference, seed)
+        )
     needs_reference = {
         "classifier": "fd_classifier" in names,
         "inception": bool(set(inception) - {"is"}),
