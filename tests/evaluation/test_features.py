@@ -153,7 +153,7 @@ def test_missing_dinov2_weights_say_how_to_get_them(monkeypatch):
         DINOv2Features()
     message = str(error.value)
     assert message.startswith("fd_dinov2 unavailable: the weights 'facebook/dinov2-large'")
-    assert "huggingface-cli download facebook/dinov2-large" in message
+    assert "hf download facebook/dinov2-large" in message
     assert "--dinov2_model" in message and "Hugging Face cache" in message
 
 

@@ -65,7 +65,7 @@ def _load_hf(loader, name: str, metric: str, option: str):
             metric,
             f"the weights {name!r} are not in the Hugging Face cache ({_hf_cache()}) and could "
             "not be downloaded",
-            f"On a machine with internet run `huggingface-cli download {name}` and copy the "
+            f"On a machine with internet run `hf download {name}` and copy the "
             f"cache (or set HF_HOME), or pass {option} with a local folder saved by "
             "save_pretrained.",
             error,

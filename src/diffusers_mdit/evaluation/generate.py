@@ -11,8 +11,9 @@ Resuming: sample ``i`` starts from noise drawn by its own generator, seeded from
 batch_size)``. A batch whose files all exist is skipped; any other batch is sampled whole.
 A run interrupted and started again with the same arguments therefore writes the same files,
 bit for bit, as an uninterrupted run (files are written to a temporary name and renamed, so an
-interruption leaves no half-written PNG). A larger ``num_samples`` extends a folder; other
-settings must match ``generation.json``. Labels are balanced: sample ``i`` gets class
+interruption leaves no half-written PNG). With another ``batch_size`` each sample keeps its
+noise, but batched arithmetic may round differently. A larger ``num_samples`` extends a
+folder; other settings must match ``generation.json``. Labels are balanced: sample ``i`` gets class
 ``i % num_classes``, prompt ``i % len(prompts)``.
 """
 
