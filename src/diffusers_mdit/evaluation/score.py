@@ -255,7 +255,13 @@ def evaluate(
         elif name == "dinov2":
             results["fd_dinov2"] = M.frechet_distance_from_features(real["cls"], fake["cls"])
         elif name == "clip":
-            text = extractor.text(samples.texts)
+            texts = samples.texts
+            text = np.concatenate(
+                [
+                    extractor.text(texts[i : i + batch_size])
+                    for i in range(0, len(texts), batch_size)
+                ]
+            )
             results["clip_score"] = M.clip_score(fake["image"], text)
     return results
 
