@@ -2,13 +2,16 @@
 
 Two comparisons (``--pair``):
 
-- ``mdit``: MDiT-B vs diffusers' ``DiTTransformer2DModel`` DiT-B/2 (12 layers, width 768).
+- ``mdit``: MDiT-B, our DiT analog {0, 0, 0, 12} ("DiT-B" preset: MDiT blocks without outer
+  level or aggregate blocks) and DiffiT at the same width (768, 12 layers, 12 heads, "DiffiT-B")
+  vs diffusers' ``DiTTransformer2DModel`` DiT-B/2 (12 layers, width 768).
 - ``diffit``: DiffiT-XL vs DiT-XL/2 (width 1152, 16 heads, learned sigma), both at reduced depth
   (``--diffit_depth``, default 4 of 28) so a CPU run takes minutes: blocks are identical, so the
   per-block rate is what a full-depth model achieves.
 
 Prints forward and forward+backward seconds per image, model GFLOPs, achieved GFLOP/s, the
-fraction of this machine's best measured fp32 matmul rate, and the ratios. FLOPs are counted by
+fraction of this machine's best measured fp32 matmul rate, the peak memory of one training
+step, and the ratios. FLOPs are counted by
 ``torch.utils.flop_counter`` on the meta device (matmuls and attention; neighborhood attention
 at its ideal k*k cost), forward+backward as counted through autograd. Every repeat runs every
 model once (interleaved) and the median is reported.
@@ -23,6 +26,11 @@ the OS when freed and page-faulted in again on every allocation. MDiT's full-res
 level has such activations at batch 8, so element-wise work costs it more than DiT; run with
 ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` (or jemalloc/tcmalloc)
 to see both models without that cost. RESULTS.md has both.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one training step; on CPU each
+model runs one training step in a fresh process (Linux), and the figure is the process's peak
+resident set during the step (``VmHWM``, reset just before it) minus what the built model and
+its inputs already held: activations, gradients and temporaries, not the weights.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -57,8 +67,13 @@ def diffusers_dit(width: int, heads: int, depth: int) -> DiTTransformer2DModel:
 
 def builders(diffit_depth: int) -> dict[str, dict[str, Callable[[], torch.nn.Module]]]:
     return {
+        # The last model of a group is the baseline the others are compared with.
         "mdit": {
             "MDiT-B": lambda: MDiTTransformer2DModel.from_preset("MDiT-B"),
+            "DiT-B analog": lambda: MDiTTransformer2DModel.from_preset("DiT-B"),
+            "DiffiT-B": lambda: DiffiTTransformer2DModel.from_preset(
+                "DiffiT-XL", hidden_size=768, num_attention_heads=12, num_layers=12, out_channels=8
+            ),
             "DiT-B/2": lambda: diffusers_dit(768, 12, 12),
         },
         "diffit": {
@@ -119,6 +134,60 @@ def matmul_peak(device, size=2048, repeats=5) -> float:
     return 2 * size**3 / min(times) / 1e9
 
 
+def training_step(model, batch, dtype, device):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        call(model, *batch).float().square().mean().backward()
+
+
+def step_memory(name: str, args) -> float:
+    """Peak memory (MiB) of one training step of model ``name`` (see the module docstring)."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        model = all_builders(args.diffit_depth)[name]().to(device)
+        batch = inputs(args.batch_size, args.resolution, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        training_step(model, batch, AUTOCAST[args.autocast], device)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    command = [
+        sys.executable, os.path.abspath(__file__), "--measure_memory", name,
+        "--batch_size", str(args.batch_size), "--resolution", str(args.resolution),
+        "--diffit_depth", str(args.diffit_depth), "--threads", str(args.threads),
+        "--autocast", args.autocast,
+    ]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def measure_memory_here(args) -> None:
+    """Child process of :func:`step_memory` on CPU: print the peak RSS growth in MiB."""
+    torch.manual_seed(0)
+    model = all_builders(args.diffit_depth)[args.measure_memory]()
+    batch = inputs(args.batch_size, args.resolution, torch.device("cpu"))
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+    training_step(model, batch, AUTOCAST[args.autocast], torch.device("cpu"))
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}.")
+
+
+def all_builders(diffit_depth: int) -> dict[str, Callable[[], torch.nn.Module]]:
+    return {name: b for group in builders(diffit_depth).values() for name, b in group.items()}
+
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pair", choices=["mdit", "diffit", "all"], default="all")
@@ -129,13 +198,20 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
-    parser.add_argument("--quick", action="store_true", help="batch 2, 1 repeat: a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="batch 2, 16x16 latents, 1 repeat: a smoke run"
+    )
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--measure_memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.batch_size, args.repeats, args.diffit_depth = 2, 1, 1
+        args.batch_size, args.repeats, args.diffit_depth, args.resolution = 2, 1, 1, 16
     torch.set_num_threads(args.threads)
+    if args.measure_memory:
+        measure_memory_here(args)
+        return
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
+    dtype = AUTOCAST[args.autocast]
     malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
     print(
         f"config: batch {args.batch_size}, latent 4x{args.resolution}x{args.resolution}, "
@@ -147,11 +223,12 @@ def main():
     pairs = builders(args.diffit_depth)
     pairs = pairs if args.pair == "all" else {args.pair: pairs[args.pair]}
     torch.manual_seed(0)
-    models, flops = {}, {}
+    models, flops, parameters = {}, {}, {}
     for pair in pairs.values():
         for name, build in pair.items():
             models[name] = build().to(device)
             flops[name] = count_flops(build, args.resolution)
+            parameters[name] = sum(p.numel() for p in models[name].parameters())
     batch = inputs(args.batch_size, args.resolution, device)
     times = {name: {"fwd": [], "train": []} for name in models}
 
@@ -161,12 +238,11 @@ def main():
         model.zero_grad(set_to_none=True)
         sync(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            if train:
-                call(model, *batch).float().square().mean().backward()
-            else:
-                with torch.no_grad():
-                    call(model, *batch)
+        if train:
+            training_step(model, batch, dtype, device)
+        else:
+            with torch.no_grad(), torch.autocast(device.type, dtype, enabled=dtype is not None):
+                call(model, *batch)
         sync(device)
         return time.perf_counter() - start
 
@@ -180,12 +256,19 @@ def main():
             times[name]["fwd"].append(step(name, False))
             times[name]["train"].append(step(name, True))
 
+    memory = {}
+    if not args.no_memory:
+        del batch
+        for name in list(models):
+            if device.type != "cuda":
+                models[name] = None  # free the timed copy before the child processes run
+            memory[name] = step_memory(name, args)
     peak = max(peaks)
     print(f"matmul peak (2048^3 fp32, best of {5 * len(peaks)}): {peak:.1f} GFLOP/s")
     rows = {}
     print(
         f"\n{'model':<14} {'params':>8} {'GFLOPs fwd':>11} {'fwd s/img':>10} {'fwd GFLOP/s':>12} "
-        f"{'fwd+bwd s/img':>14} {'train GFLOP/s':>14} {'% peak':>7}"
+        f"{'fwd+bwd s/img':>14} {'train GFLOP/s':>14} {'% peak':>7} {'step MiB':>9}"
     )
     for name in models:
         fwd = statistics.median(times[name]["fwd"]) / args.batch_size
@@ -197,23 +280,29 @@ def main():
             fwd_rate=forward_flops / fwd / 1e9,
             train_rate=train_flops / train / 1e9,
         )
-        params = sum(p.numel() for p in models[name].parameters())
+        params = parameters[name]
         print(
             f"{name:<14} {params / 1e6:>7.1f}M {forward_flops / 1e9:>11.2f} {fwd:>10.3f} "
             f"{rows[name]['fwd_rate']:>12.1f} {train:>14.3f} {rows[name]['train_rate']:>14.1f} "
-            f"{100 * rows[name]['train_rate'] / peak:>6.0f}%"
+            f"{100 * rows[name]['train_rate'] / peak:>6.0f}% "
+            f"{memory.get(name, float('nan')):>9.0f}"
         )
     print()
     for pair in pairs.values():
-        ours, baseline = list(pair)
-        a, b = rows[ours], rows[baseline]
-        print(
-            f"{ours} / {baseline}: forward time {a['fwd'] / b['fwd']:.2f}x, "
-            f"fwd+bwd time {a['train'] / b['train']:.2f}x, "
-            f"FLOPs {flops[ours][0] / flops[baseline][0]:.2f}x; achieved GFLOP/s ratio: "
-            f"forward {a['fwd_rate'] / b['fwd_rate']:.2f}, "
-            f"fwd+bwd {a['train_rate'] / b['train_rate']:.2f}"
-        )
+        *ours, baseline = list(pair)
+        for name in ours:
+            a, b = rows[name], rows[baseline]
+            print(
+                f"{name} / {baseline}: forward time {a['fwd'] / b['fwd']:.2f}x, "
+                f"fwd+bwd time {a['train'] / b['train']:.2f}x, "
+                f"FLOPs {flops[name][0] / flops[baseline][0]:.2f}x; achieved GFLOP/s ratio: "
+                f"forward {a['fwd_rate'] / b['fwd_rate']:.2f}, "
+                f"fwd+bwd {a['train_rate'] / b['train_rate']:.2f}"
+            )
+    if "MDiT-B" in rows:
+        ratio = rows["MDiT-B"]["train_rate"] / rows["DiT-B/2"]["train_rate"]
+        verdict = "met" if ratio >= 0.9 else f"missed by {0.9 - ratio:.2f}"
+        print(f"target: MDiT-B training GFLOP/s >= 0.9x DiT-B/2's: {ratio:.2f}x ({verdict})")
 
 
 if __name__ == "__main__":

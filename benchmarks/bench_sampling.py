@@ -1,0 +1,140 @@
+"""Sampling latency: MDiTPipeline (MDiT-B) vs diffusers' DiTPipeline (DiT-B/2), and our
+neighborhood attention vs NATTEN's forward at MDiT-B's outer-level shape, side by side in one
+run.
+
+Both pipelines sample one class-conditional image with the same DDIM scheduler, 50 steps and
+classifier-free guidance 4.0 (so every step runs the transformer on a batch of 2), and decode
+with the same small random VAE (``diffusers_mdit.testing.tiny_vae``; its decode is a
+negligible, identical share of both): the latency measured is the denoising loop's. Weights
+are random, which does not change the cost. Runs are interleaved; medians are reported.
+
+    python benchmarks/bench_sampling.py              # CPU: ~4 min
+    python benchmarks/bench_sampling.py --quick      # CI smoke run (MDiT-S / DiT-S-sized, 2 steps)
+    python benchmarks/bench_sampling.py --device cuda --repeats 5
+
+The attention comparison times one forward of ``neighborhood_attention`` (batch 2, 32x32 grid,
+6 heads x 64, k=7: one MDiT-B outer block's attention at a 256x256 image) with backend
+``torch`` (ours) and ``natten`` (NATTEN's fused kernels on CUDA; on CPU its Flex Attention
+forward), when NATTEN is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from diffusers import DDIMScheduler, DiTPipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_attention import natten_importable, sync  # noqa: E402
+from bench_model import diffusers_dit  # noqa: E402
+
+from diffusers_mdit import MDiTPipeline, MDiTTransformer2DModel  # noqa: E402
+from diffusers_mdit.models.neighborhood_attention import neighborhood_attention  # noqa: E402
+from diffusers_mdit.testing import tiny_vae  # noqa: E402
+
+
+def pipelines(quick: bool, device) -> dict:
+    vae = tiny_vae()
+    if quick:
+        mdit = MDiTTransformer2DModel.from_preset("MDiT-S", sample_size=16)
+        dit = diffusers_dit(256, 4, 6)
+        dit.register_to_config(sample_size=16)
+    else:
+        mdit = MDiTTransformer2DModel.from_preset("MDiT-B")
+        dit = diffusers_dit(768, 12, 12)
+    ours = MDiTPipeline(
+        transformer=mdit.eval(), scheduler=DDIMScheduler(prediction_type="sample"), vae=vae
+    )
+    theirs = DiTPipeline(transformer=dit.eval(), vae=vae, scheduler=DDIMScheduler())
+    sizes = ("MDiT-S", "DiT-S/2") if quick else ("MDiT-B", "DiT-B/2")
+    out = {f"MDiTPipeline ({sizes[0]})": ours, f"DiTPipeline ({sizes[1]})": theirs}
+    for pipe in out.values():
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+    return out
+
+
+def sample(pipe, steps: int, device) -> float:
+    generator = torch.Generator(device).manual_seed(0)
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe(class_labels=[1], num_inference_steps=steps, guidance_scale=4.0, generator=generator)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def attention_times(device, repeats: int, size: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, size, size, 6, 64, generator=generator).to(device) for _ in "qkv")
+    backends = ["torch"] + (["natten"] if natten_importable() else [])
+    times = {b: [] for b in backends}
+    with torch.no_grad():
+        for backend in backends:  # warm-up
+            neighborhood_attention(q, k, v, 7, backend=backend)
+        for _ in range(repeats):
+            for backend in backends:
+                sync(device)
+                start = time.perf_counter()
+                neighborhood_attention(q, k, v, 7, backend=backend)
+                sync(device)
+                times[backend].append(time.perf_counter() - start)
+    return {b: 1e3 * statistics.median(t) for b, t in times.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="small models, 2 steps, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 2, 1
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", module=r"(natten|torch\.nn\.attention)")
+    device = torch.device(args.device)
+    print(
+        f"config: 1 image, class-conditional, DDIM {args.steps} steps, guidance 4.0 (batch 2 "
+        f"per step), {args.repeats} interleaved repeats (median), device {device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    torch.manual_seed(0)
+    pipes = pipelines(args.quick, device)
+    for pipe in pipes.values():  # warm-up
+        sample(pipe, 1, device)
+    times = {name: [] for name in pipes}
+    for _ in range(args.repeats):
+        for name, pipe in pipes.items():
+            times[name].append(sample(pipe, args.steps, device))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    for name, value in seconds.items():
+        print(f"{name:<24} {value:>8.2f} s   {value / args.steps * 1e3:>8.1f} ms/step")
+    ours, theirs = list(seconds)
+    ratio = seconds[ours] / seconds[theirs]
+    gap = ratio - 1.3
+    verdict = "met" if gap <= 0 else f"missed by {gap:.2f}"
+    print(f"{ours} / {theirs}: {ratio:.2f}x (target <= 1.3x: {verdict})")
+
+    size = 8 if args.quick else 32
+    attention = attention_times(device, 3 if args.quick else 10, size)
+    shape = f"batch 2, {size}x{size}, 6x64 heads, k=7, forward"
+    for backend, ms in attention.items():
+        print(f"neighborhood attention [{backend}] ({shape}): {ms:.2f} ms")
+    if "natten" in attention:
+        print(f"natten / ours: {attention['natten'] / attention['torch']:.2f}x")
+    else:
+        print("NATTEN is not installed: only ours was timed.")
+    return {"seconds": seconds, "ratio": ratio, "attention_ms": attention}
+
+
+if __name__ == "__main__":
+    main()

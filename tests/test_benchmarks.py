@@ -1,0 +1,34 @@
+"""Smoke runs of the benchmark scripts (``--quick``): they run and print their ratio lines.
+The numbers themselves are measured by running the scripts (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+EXPECTED = {
+    "bench_model.py": ["MDiT-B / DiT-B/2", "DiT-B analog / DiT-B/2", "DiffiT-B / DiT-B/2",
+                       "target: MDiT-B training GFLOP/s"],
+    "bench_scaling.py": ["exponent", "target: MDiT-S NA core"],
+    "bench_sampling.py": ["MDiTPipeline (MDiT-S) / DiTPipeline (DiT-S/2)", "target <= 1.3x",
+                          "neighborhood attention [torch]"],
+    "bench_attention.py": ["glob/ours"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_quick_run_prints_its_ratios(script):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in EXPECTED[script]:
+        assert line in result.stdout, (line, result.stdout[-2000:])
