@@ -61,7 +61,9 @@ def load_for_analysis(
             if names.get("text_encoder", [None, None])[1]:
                 name = "MDiTTextToImagePipeline"
         pipeline = getattr(pipelines, name).from_pretrained(path)
-        pipeline.to(device=device, dtype=dtype)
+        pipeline.to(device)
+        if dtype != torch.float32:
+            pipeline.to(dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         model = pipeline.transformer
     else:
