@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -27,6 +28,15 @@ ANALYSES = {
 }
 
 
+def available_analyses() -> dict[str, str]:
+    """The analyses whose modules exist (they land one by one; see the README)."""
+    return {
+        name: module
+        for name, module in ANALYSES.items()
+        if importlib.util.find_spec(f".{module}", __package__) is not None
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mdit-explain",
@@ -34,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "section 4, appendices D, F.2, I.5, M). Writes OUTPUT_DIR/<analysis>.json and PNGs.",
     )
     commands = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
-    for name, module_name in ANALYSES.items():
+    for name, module_name in available_analyses().items():
         module = importlib.import_module(f".{module_name}", __package__)
         sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
         sub.add_argument("model", metavar="MODEL_OR_PIPELINE_DIR", help="pipeline or model folder")
