@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Run one analysis from command-line arguments; returns its numbers (as written to JSON)."""
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f".{ANALYSES[args.analysis]}", __package__)
     loaded = load_for_analysis(args.model, device=args.device)
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     path = write_json(result, os.path.join(args.output_dir, f"{args.analysis}.json"))
     print(f"{args.analysis}: wrote {path}")
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``mdit-explain`` console script (exit status 0; see :func:`run` for the numbers)."""
+    run(argv)
+    return 0
 
 
 if __name__ == "__main__":
