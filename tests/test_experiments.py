@@ -57,6 +57,30 @@ def test_dit_analog_matches_mdit_parameters_within_ten_percent():
     assert abs(dit / mdit - 1) < 0.1
 
 
+def test_ablation_arms_match_the_full_model_within_ten_percent_and_change_one_thing():
+    ablations = load_experiment("ablations")
+    recipe = load_experiment("common").Recipe()
+    full, no_outer, no_aggregate = (ablations.ARMS[arm] for arm in ablations.ARMS)
+    base = ablations.parameter_count(full, recipe)
+    for config in (no_outer, no_aggregate):
+        assert abs(ablations.parameter_count(config, recipe) / base - 1) < 0.1
+        changed = {k for k in config if config[k] != full[k]}
+        assert changed <= {
+            "num_outer_in_blocks", "num_outer_out_blocks", "num_alternating_blocks",
+            "num_core_blocks",
+        }  # fmt: skip
+    assert no_outer["num_outer_in_blocks"] == no_outer["num_outer_out_blocks"] == 0
+    assert no_outer["num_alternating_blocks"] == full["num_alternating_blocks"]
+    assert no_aggregate["num_alternating_blocks"] == 0
+    assert no_aggregate["num_outer_in_blocks"] == full["num_outer_in_blocks"]
+    rows = [
+        {"arm": "a", "parameters": 1, "fd": 10.0, "accuracy": 0.9},
+        {"arm": "a", "parameters": 1, "fd": 14.0, "accuracy": 1.0},
+    ]
+    (summary,) = ablations.summarise(rows, ["a"])
+    assert summary["fd_mean"] == 12.0 and summary["fd_std"] == pytest.approx(2**0.5 * 2)
+
+
 def test_sample_variances_is_eq2_variance_per_sample_and_channel():
     import torch
 
@@ -66,7 +90,7 @@ def test_sample_variances_is_eq2_variance_per_sample_and_channel():
     np.testing.assert_allclose(variance_matching.sample_variances(images), expected.flatten(), 1e-5)
 
 
-@pytest.mark.parametrize("name", ["convergence", "variance_matching"])
+@pytest.mark.parametrize("name", ["convergence", "variance_matching", "ablations"])
 def test_quick_run_writes_raw_numbers_and_plots(tmp_path, name):
     experiment = load_experiment(name)
     sys.path.insert(0, EXPERIMENTS)
