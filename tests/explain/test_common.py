@@ -77,3 +77,19 @@ def test_cli_lists_only_analyses_that_exist():
     parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["no-such-analysis", "x", "--output_dir", "y"])
+
+
+def test_sampling_labels_cycle_classes_or_count_unconditional_images():
+    from diffusers_mdit.explain.common import sampling_labels
+
+    conditional = MDiTPipeline(transformer=tiny_mdit(num_classes=3), scheduler=ddim_x0())
+    assert sampling_labels(conditional, 4, start=2) == {"class_labels": [2, 0, 1, 2]}
+    unconditional = MDiTPipeline(transformer=tiny_mdit(), scheduler=ddim_x0())
+    assert sampling_labels(unconditional, 4) == {"batch_size": 4}
+
+    class TextPipeline:
+        def __call__(self, prompt, num_inference_steps=50):
+            pass
+
+    with pytest.raises(ValueError, match="Spectrum .* takes no class_labels"):
+        sampling_labels(TextPipeline(), 2, analysis="Spectrum")

@@ -72,6 +72,35 @@ def load_for_analysis(
     return LoadedModel(model=model, pipeline=pipeline, path=path)
 
 
+# -- sampling -------------------------------------------------------------------------------
+
+
+def sampling_labels(pipeline, count: int, start: int = 0, analysis: str = "This analysis") -> dict:
+    """Pipeline arguments for ``count`` images: classes ``start, start + 1, ...`` cycled for a
+    class-conditional model, ``batch_size`` for an unconditional one. Text-to-image pipelines
+    (which need prompts) are refused."""
+    import inspect
+
+    if "class_labels" not in inspect.signature(pipeline.__call__).parameters:
+        raise ValueError(
+            f"{analysis} samples class-conditional or unconditional images, but "
+            f"{type(pipeline).__name__} takes no class_labels (text-to-image pipelines need "
+            "prompts); use an MDiTPipeline folder."
+        )
+    classes = pipeline.transformer.config.num_classes
+    if classes:
+        return {"class_labels": [(start + i) % classes for i in range(count)]}
+    return {"batch_size": count}
+
+
+def add_sampling_arguments(parser, num_images: int) -> None:
+    """``--num_images``, ``--num_inference_steps`` (25, the paper's analyses) and
+    ``--guidance_scale`` (1: none) for the analyses that sample."""
+    parser.add_argument("--num_images", type=int, default=num_images, help="images to sample")
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="1 = no guidance")
+
+
 # -- blocks ---------------------------------------------------------------------------------
 
 

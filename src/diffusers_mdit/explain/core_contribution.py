@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .common import pyplot, save_figure
+from .common import add_sampling_arguments, pyplot, sampling_labels, save_figure
 
 HELP = "Core contribution per sampling step: core/skip L2 norms, ratio, rho of eq. 4."
 
@@ -126,13 +126,6 @@ class CoreContributionResult:
     peak_step: int
 
 
-def _labels(pipeline, count: int, start: int) -> dict:
-    classes = pipeline.transformer.config.num_classes
-    if classes:
-        return {"class_labels": [(start + i) % classes for i in range(count)]}
-    return {"batch_size": count}
-
-
 @torch.no_grad()
 def core_contribution(
     pipeline,
@@ -157,7 +150,7 @@ def core_contribution(
         count = min(batch_size, num_images - start)
         with capture_core_and_skip(model) as pairs:
             pipeline(
-                **_labels(pipeline, count, start),
+                **sampling_labels(pipeline, count, start, "Core contribution"),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generator,
@@ -224,9 +217,7 @@ def plot_core_contribution(result: CoreContributionResult, path: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num_images", type=int, default=64, help="samples to average over")
-    parser.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="1 = no guidance")
+    add_sampling_arguments(parser, num_images=64)
     parser.add_argument("--batch_size", type=int, default=32, help="images per pipeline call")
 
 

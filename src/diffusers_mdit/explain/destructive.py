@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .common import block_names, pyplot, save_figure
+from .common import add_sampling_arguments, block_names, pyplot, sampling_labels, save_figure
 
 HELP = "Destructive testing: re-sample without each block's RoPE, block or full kernel (app. M)."
 
@@ -178,19 +177,6 @@ def image_deltas(images: torch.Tensor, baseline: torch.Tensor) -> tuple[float, f
     return float(delta.mean()), float(delta.max()), psnr
 
 
-def _sampling_labels(pipeline, num_images: int) -> dict:
-    if "class_labels" not in inspect.signature(pipeline.__call__).parameters:
-        raise ValueError(
-            f"Destructive testing samples class-conditional or unconditional images, but "
-            f"{type(pipeline).__name__} takes no class_labels (text-to-image pipelines need "
-            "prompts); use an MDiTPipeline folder."
-        )
-    classes = pipeline.transformer.config.num_classes
-    if classes:
-        return {"class_labels": [i % classes for i in range(num_images)]}
-    return {"batch_size": num_images}
-
-
 def _check_tests(tests: Sequence[str]) -> tuple[str, ...]:
     unknown = [t for t in tests if t not in TESTS]
     if unknown or not tests:
@@ -244,7 +230,7 @@ def destructive_test(
             f"Destructive testing switches MDiT blocks, but {type(model).__name__} has no "
             "blocks_in_order(); use an MDiT pipeline."
         )
-    labels = _sampling_labels(pipeline, num_images)
+    labels = sampling_labels(pipeline, num_images, analysis="Destructive testing")
 
     def sample() -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -367,9 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernels", default="5,3", help="comma list of outer kernels to try (odd ints)"
     )
-    parser.add_argument("--num_images", type=int, default=8, help="images per sampling")
-    parser.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="1 = no guidance")
+    add_sampling_arguments(parser, num_images=8)
 
 
 def _comma_list(text: str, kind=str) -> list:

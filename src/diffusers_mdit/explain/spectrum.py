@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import block_names, pyplot, save_figure
+from .common import add_sampling_arguments, block_names, pyplot, sampling_labels, save_figure
 
 HELP = "Radial spectral power of every core block's output at one sampling step (figure 3)."
 
@@ -149,17 +148,7 @@ def spectral_analysis(
         raise ValueError(f"num_images must be at least 1, got {num_images}.")
     model = pipeline.transformer
     blocks = core_level_blocks(model)
-    if "class_labels" not in inspect.signature(pipeline.__call__).parameters:
-        raise ValueError(
-            f"{type(pipeline).__name__} takes no class_labels (text-to-image pipelines need "
-            "prompts); use an MDiTPipeline folder."
-        )
-    classes = model.config.num_classes
-    labels = (
-        {"class_labels": [i % classes for i in range(num_images)]}
-        if classes
-        else {"batch_size": num_images}
-    )
+    labels = sampling_labels(pipeline, num_images, analysis="The spectrum analysis")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with capture_at_call(model, blocks, step - 1) as outputs:
         pipeline(
@@ -221,9 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, default=None, help="1-based sampling step (default: steps // 2)"
     )
-    parser.add_argument("--num_images", type=int, default=16, help="samples to average over")
-    parser.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="1 = no guidance")
+    add_sampling_arguments(parser, num_images=16)
 
 
 def run_cli(loaded, args: argparse.Namespace) -> dict:
