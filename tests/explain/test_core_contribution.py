@@ -103,6 +103,9 @@ def test_sampling_statistics_per_step_plot_and_cli(tmp_path):
         pipe, num_images=5, num_inference_steps=3, batch_size=2, progress=False
     )
     assert again.ratio_mean == result.ratio_mean  # seeded
+    guided = core_contribution(pipe, num_images=3, num_inference_steps=2, guidance_scale=3.0,
+                               batch_size=3, progress=False)  # fmt: skip
+    assert guided.num_samples == 3 and len(guided.ratio_mean) == 2
     path = plot_core_contribution(result, str(tmp_path / "core.png"))
     assert open(path, "rb").read(4) == b"\x89PNG"
 

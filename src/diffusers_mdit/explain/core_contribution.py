@@ -137,8 +137,9 @@ def core_contribution(
     progress: bool = True,
 ) -> CoreContributionResult:
     """Sample ``num_images`` images (classes cycled for class-conditional models) and collect
-    the core contribution statistics at every step. With ``guidance_scale != 1`` the
-    unconditional half of each guided batch counts as samples too."""
+    the core contribution statistics at every step. With ``guidance_scale != 1`` only the
+    conditional half of each guided batch is used (the hidden states of the images actually
+    being generated, as in the spectrum analysis)."""
     model = pipeline.transformer
     fields = StepStatistics.__dataclass_fields__
     per_step: list[dict[str, list[torch.Tensor]]] = [
@@ -162,7 +163,8 @@ def core_contribution(
                 "core contribution supports single-call schedulers (DDIM, DDPM, Euler)."
             )
         for step, (core, skip) in enumerate(pairs):
-            stats = contribution_statistics(core, skip)
+            # A guided call batches [unconditional, conditional]: keep the images being made.
+            stats = contribution_statistics(core[-count:], skip[-count:])
             for name in fields:
                 per_step[step][name].append(getattr(stats, name))
     timesteps = [int(t) for t in pipeline.scheduler.timesteps]
@@ -178,7 +180,7 @@ def core_contribution(
         columns[f"{name}_mean"], columns[f"{name}_std"] = summary(name)
     return CoreContributionResult(
         timesteps=timesteps,
-        num_samples=num_images * (2 if guidance_scale != 1.0 else 1),
+        num_samples=num_images,
         peak_step=int(np.argmax(columns["ratio_mean"])) + 1,
         **columns,
     )
