@@ -240,6 +240,30 @@ def test_models_train_a_step():
     assert losses[-1] < losses[0]
 
 
+def test_adaln_time_conditioning_is_dit_adaln_zero_at_matched_parameters(tmp_path):
+    tmsa = tiny_latent(num_classes=10)
+    adaln = tiny_latent(num_classes=10, time_conditioning="adaln", mlp_ratio=2.5)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert abs(count(adaln) / count(tmsa) - 1) < 0.01
+    block = adaln.blocks[0]
+    assert block.attn.time_to_qkv is None and block.modulation.out_features == 6 * 64
+    x, t, labels = noise(2, 4, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 10])
+    assert adaln(x, t, labels).sample.abs().max() == 0  # adaLN-Zero and a zero head
+    randomize(adaln)
+    # The block written out: x + g1 Attn(LN(x)(1 + s1) + b1), then the same for the MLP.
+    h, time_token = noise(2, 8, 8, 64, seed=2), noise(2, 64, seed=3)
+    b1, s1, g1, b2, s2, g2 = block.modulation(F.silu(time_token))[:, None, None].chunk(6, -1)
+    expected = h + g1 * block.attn(F.layer_norm(h, (64,), eps=1e-6) * (1 + s1) + b1, None)
+    expected = expected + g2 * block.mlp(F.layer_norm(expected, (64,), eps=1e-6) * (1 + s2) + b2)
+    torch.testing.assert_close(block(h, time_token), expected)
+    # Time reaches the output only through the modulation.
+    assert not torch.equal(adaln(x, 3, labels).sample, adaln(x, 700, labels).sample)
+    adaln.save_pretrained(tmp_path)
+    loaded = DiffiTTransformer2DModel.from_pretrained(tmp_path)
+    assert loaded.config.time_conditioning == "adaln"
+    assert torch.equal(loaded(x, t, labels).sample, adaln(x, t, labels).sample)
+
+
 # -- presets and sizes ----------------------------------------------------------------------------
 
 
@@ -295,6 +319,7 @@ def test_bad_input_errors_name_the_fix(factory, shape, kwargs, match):
         (DiffiTUNet2DModel, dict(layers_per_level=(1, 1)), "one block count per level"),
         (DiffiTUNet2DModel, dict(window_size=(4, 4)), "one per level"),
         (DiffiTUNet2DModel, dict(num_classes=-1), "num_classes"),
+        (DiffiTTransformer2DModel, dict(time_conditioning="film"), "time_conditioning"),
     ],
 )
 def test_bad_configs_raise(cls, kwargs, match):
