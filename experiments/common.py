@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -133,10 +135,9 @@ def sample_classes(
     pipeline_dir: str, samples_per_class: int, num_inference_steps: int, guidance: float, seed: int
 ) -> tuple[torch.Tensor, np.ndarray]:
     """``samples_per_class`` samples of each digit in [-1, 1], and their labels."""
-    from diffusers_mdit import MDiTPipeline
+    from diffusers_mdit.explain import load_for_analysis
 
-    pipe = MDiTPipeline.from_pretrained(pipeline_dir)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_for_analysis(pipeline_dir).pipeline  # MDiT or DiffiT, by the saved folder
     labels = np.repeat(np.arange(10), samples_per_class)
     images = pipe(
         class_labels=labels.tolist(),
@@ -200,3 +201,112 @@ def write_rows(rows: list[dict], path: str) -> None:
 
 def recipe_dict(recipe: Recipe) -> dict:
     return asdict(recipe)
+
+
+# -- comparing architectures under one recipe (experiments 2 and 5) ---------------------------
+
+
+def arm_arguments(description: str, arms: list[str], name: str, argv=None) -> argparse.Namespace:
+    """Command-line arguments of an arm comparison (``name``: its results file stem)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--arms", nargs="+", default=arms, choices=arms)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--samples_per_class", type=int, default=20)
+    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--output_dir", default=f"outputs/experiments/{name}")
+    parser.add_argument("--results_dir", default="experiments/results")
+    parser.add_argument("--quick", action="store_true", help="tiny runs for a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps = [0], 2
+        args.samples_per_class, args.num_inference_steps = 2, 2
+    return args
+
+
+def parameter_count(config: dict, recipe: Recipe) -> int:
+    """Parameters of a model config (MDiT, or DiffiT by ``_class_name``) on the digits."""
+    from diffusers_mdit.profiling import config_cost
+
+    extra = dict(sample_size=recipe.resolution, in_channels=3, out_channels=3, num_classes=10)
+    return config_cost(dict(config, **extra), recipe.resolution, recipe.resolution).parameters
+
+
+def summarise_arms(rows: list[dict], arms: list[str]) -> list[dict]:
+    """Mean and (sample) standard deviation over seeds of FD and accuracy per arm."""
+    summary = []
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        entry = {"arm": arm, "parameters": mine[0]["parameters"], "seeds": len(mine)}
+        for key in ("fd", "accuracy"):
+            values = [r[key] for r in mine]
+            entry[f"{key}_mean"] = statistics.mean(values)
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def plot_arms(summary: list[dict], rows: list[dict], path: str) -> None:
+    """Bars of mean FD and accuracy per arm with their spread, each seed a dot."""
+    from diffusers_mdit.explain.common import pyplot, save_figure
+
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    names = [s["arm"] for s in summary]
+    for axis, key, label in ((axes[0], "fd", "classifier FD (lower is better)"),
+                             (axes[1], "accuracy", "conditional accuracy")):  # fmt: skip
+        means = [s[f"{key}_mean"] for s in summary]
+        stds = [s[f"{key}_std"] for s in summary]
+        axis.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.7)
+        for i, name in enumerate(names):
+            seeds = [r[key] for r in rows if r["arm"] == name]
+            axis.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3)
+        axis.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+        axis.set_title(label)
+    save_figure(figure, path)
+
+
+def arm_folder(arm: str) -> str:
+    """``"no outer level {0,0,2,5}"`` -> ``"no_outer_level"``."""
+    return re.sub(r"[^a-z0-9.]+", "_", arm.split(" {")[0].lower()).strip("_")
+
+
+def compare_arms(arms: dict[str, dict], args: argparse.Namespace, name: str) -> dict:
+    """Train every arm (model config) with the same recipe for each seed, sample each, score
+    it with the offline digits metrics; write ``<results_dir>/<name>.json`` / ``.csv`` /
+    ``.png`` and print the table. Finished runs are reused (see :func:`train_in_stages`)."""
+    recipe = Recipe()
+    rows = []
+    for arm in args.arms:
+        config = arms[arm]
+        for seed in args.seeds:
+            folder = os.path.join(args.output_dir, arm_folder(arm), f"seed{seed}")
+            train_in_stages(folder, config, [args.steps], seed, recipe, lambda _: {})
+            images, labels = sample_classes(
+                folder, args.samples_per_class, args.num_inference_steps, args.guidance_scale, 0
+            )
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "parameters": parameter_count(config, recipe),
+                    "train_gflops_per_step": training_flops_per_step(config, recipe) / 1e9,
+                    **digits_quality(images, labels),
+                }
+            )
+    summary = summarise_arms(rows, args.arms)
+    os.makedirs(args.results_dir, exist_ok=True)
+    write_rows(rows, os.path.join(args.results_dir, f"{name}.csv"))
+    result = {"recipe": recipe_dict(recipe), "arguments": vars(args), "rows": rows,
+              "summary": summary}  # fmt: skip
+    write_rows(result, os.path.join(args.results_dir, f"{name}.json"))
+    plot_arms(summary, rows, os.path.join(args.results_dir, f"{name}.png"))
+
+    print(f"{'arm':>34} {'params':>7} {'FD':>14} {'accuracy %':>14}  (mean+-std over seeds)")
+    for s in summary:
+        print(
+            f"{s['arm']:>34} {s['parameters'] / 1e6:6.2f}M {s['fd_mean']:7.2f}+-{s['fd_std']:<5.2f}"
+            f" {100 * s['accuracy_mean']:7.1f}+-{100 * s['accuracy_std']:<5.1f}"
+        )
+    return result

@@ -59,11 +59,12 @@ def test_dit_analog_matches_mdit_parameters_within_ten_percent():
 
 def test_ablation_arms_match_the_full_model_within_ten_percent_and_change_one_thing():
     ablations = load_experiment("ablations")
-    recipe = load_experiment("common").Recipe()
+    common = load_experiment("common")
+    recipe = common.Recipe()
     full, no_outer, no_aggregate = (ablations.ARMS[arm] for arm in ablations.ARMS)
-    base = ablations.parameter_count(full, recipe)
+    base = common.parameter_count(full, recipe)
     for config in (no_outer, no_aggregate):
-        assert abs(ablations.parameter_count(config, recipe) / base - 1) < 0.1
+        assert abs(common.parameter_count(config, recipe) / base - 1) < 0.1
         changed = {k for k in config if config[k] != full[k]}
         assert changed <= {
             "num_outer_in_blocks", "num_outer_out_blocks", "num_alternating_blocks",
@@ -77,8 +78,21 @@ def test_ablation_arms_match_the_full_model_within_ten_percent_and_change_one_th
         {"arm": "a", "parameters": 1, "fd": 10.0, "accuracy": 0.9},
         {"arm": "a", "parameters": 1, "fd": 14.0, "accuracy": 1.0},
     ]
-    (summary,) = ablations.summarise(rows, ["a"])
+    (summary,) = common.summarise_arms(rows, ["a"])
     assert summary["fd_mean"] == 12.0 and summary["fd_std"] == pytest.approx(2**0.5 * 2)
+
+
+def test_time_conditioning_arms_differ_only_in_conditioning_at_matched_parameters():
+    experiment = load_experiment("time_conditioning")
+    common = load_experiment("common")
+    tmsa, adaln = experiment.ARMS.values()
+    assert {k for k in adaln if adaln.get(k) != tmsa.get(k)} == {"time_conditioning", "mlp_ratio"}
+    ratio = common.parameter_count(adaln, common.Recipe()) / common.parameter_count(
+        tmsa, common.Recipe()
+    )
+    assert abs(ratio - 1) < 0.01
+    assert common.arm_folder("adaln-zero (mlp ratio 2.5)") == "adaln_zero_mlp_ratio_2.5"
+    assert common.arm_folder("no outer level {0,0,2,5}") == "no_outer_level"
 
 
 def test_sample_variances_is_eq2_variance_per_sample_and_channel():
@@ -90,7 +104,9 @@ def test_sample_variances_is_eq2_variance_per_sample_and_channel():
     np.testing.assert_allclose(variance_matching.sample_variances(images), expected.flatten(), 1e-5)
 
 
-@pytest.mark.parametrize("name", ["convergence", "variance_matching", "ablations"])
+@pytest.mark.parametrize(
+    "name", ["convergence", "variance_matching", "ablations", "time_conditioning"]
+)
 def test_quick_run_writes_raw_numbers_and_plots(tmp_path, name):
     experiment = load_experiment(name)
     sys.path.insert(0, EXPERIMENTS)
