@@ -441,6 +441,7 @@ def plot_mlp_probe(result: MLPProbeResult, output_dir: str) -> list[str]:
         )
         top_ax.plot(timesteps, accuracy.max(1), marker="o", color="black")
         top_ax.axhline(result.chance_level, color="black", linestyle=":", linewidth=1.0)
+        top_ax.set_ylim(0, 1.02)
         top_ax.set_ylabel("max accuracy")
         top_ax.set_title("MLP probe accuracy vs diffusion timestep and depth")
         x_edges = _edges(timesteps)
