@@ -19,6 +19,7 @@ def load_experiment(name: str):
     try:
         spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
     finally:
@@ -120,3 +121,19 @@ def test_quick_run_writes_raw_numbers_and_plots(tmp_path, name):
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert all(np.isfinite(row["fd"]) and 0 <= row["accuracy"] <= 1 for row in saved["rows"])
     assert (tmp_path / f"{name}.csv").is_file() and (tmp_path / f"{name}.png").is_file()
+
+
+def test_parameter_count_builds_the_family_the_config_names():
+    """A DiffiT arm is counted as a DiffiT (not as a default MDiT, which ignores its keys)."""
+    from diffusers_mdit.models import DiffiTTransformer2DModel
+
+    time_conditioning = load_experiment("time_conditioning")
+    common = load_experiment("common")
+    recipe = common.Recipe()
+    for config in time_conditioning.ARMS.values():
+        extra = dict(sample_size=16, in_channels=3, out_channels=3, num_classes=10)
+        settings = {k: v for k, v in config.items() if not k.startswith("_")}
+        expected = sum(p.numel() for p in DiffiTTransformer2DModel(**settings, **extra).parameters())
+        assert common.parameter_count(config, recipe) == expected
+    tmsa, adaln = (common.parameter_count(c, recipe) for c in time_conditioning.ARMS.values())
+    assert tmsa != adaln and abs(adaln / tmsa - 1) < 0.01
