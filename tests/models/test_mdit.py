@@ -201,6 +201,108 @@ def test_core_neighborhood_attention_with_covering_kernel_equals_global():
     assert (local - global_out).abs().max() > 1e-3
 
 
+def dit_analog(**overrides) -> MDiTTransformer2DModel:
+    """A tiny DiT analog {0, 0, 0, L} with an 8x8 core grid on 16x16 inputs."""
+    config = dict(
+        sample_size=16, in_channels=4, num_outer_in_blocks=0, num_outer_out_blocks=0,
+        num_alternating_blocks=0, num_core_blocks=2, core_dim=64, attention_head_dim=32,
+        num_classes=3,
+    )  # fmt: skip
+    return MDiTTransformer2DModel(**{**config, **overrides})
+
+
+def test_per_block_core_kernels_follow_the_execution_order():
+    model = tiny(num_alternating_blocks=2, num_core_blocks=1, core_kernel_sizes=[3, None, 0])
+    sequence = [block.attn.kernel_size for block in model.core_sequence()]
+    assert sequence == [3, None, None]
+    assert model.core_blocks[0].attn.kernel_size == 3
+    assert model.aggregate_blocks[0].attn.kernel_size is None
+    model = tiny(core_attention_type="neighborhood", core_kernel_sizes=[None, 5, 3])
+    assert [block.attn.kernel_size for block in model.core_sequence()] == [None, 5, 3]
+
+
+def test_local_core_block_only_reads_tokens_inside_its_window():
+    """One core block with k=3 on the 8x8 grid: perturbing the top-left token changes only
+    the outputs of the queries whose (border-shifted) window holds it, tokens (i, j) with
+    i, j <= 1, i.e. the top-left 4x4 pixels; the global block changes every pixel."""
+    local = randomize(dit_analog(num_core_blocks=1, core_kernel_sizes=[3])).eval()
+    full = dit_analog(num_core_blocks=1).eval()
+    full.load_state_dict(local.state_dict())
+    x, t = inputs(height=16, width=16)
+    perturbed = x.clone()
+    perturbed[:, :, :2, :2] += 1.0
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        local_change = (local(perturbed, t, labels).sample - local(x, t, labels).sample).abs()
+        full_change = (full(perturbed, t, labels).sample - full(x, t, labels).sample).abs()
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[:4, :4] = True
+    assert local_change[..., ~inside].max() == 0
+    assert local_change[..., inside].amin(dim=(0, 1)).min() > 1e-4
+    assert full_change[..., ~inside].amin(dim=(0, 1)).min() > 1e-6
+
+
+def test_per_block_kernels_covering_the_grid_equal_global_and_smaller_ones_do_not():
+    base = randomize(dit_analog(num_core_blocks=3)).eval()
+    x, t = inputs(height=16, width=16)
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        reference = base(x, t, labels).sample
+        outputs = {}
+        for kernels in ([15, 15, None], [3, None, None], [None, None, 5]):
+            model = dit_analog(num_core_blocks=3, core_kernel_sizes=kernels).eval()
+            model.load_state_dict(base.state_dict())
+            outputs[tuple(kernels)] = model(x, t, labels).sample
+    # k = 15 = 2 * 8 - 1 covers the 8x8 grid from every query (clamped to 8: global).
+    torch.testing.assert_close(outputs[(15, 15, None)], reference, rtol=1e-5, atol=1e-5)
+    assert (outputs[(3, None, None)] - reference).abs().max() > 1e-3
+    assert (outputs[(None, None, 5)] - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kernels, match",
+    [
+        ([3], "one entry per core block.*2 = num_alternating_blocks"),
+        ([3, 3, 3], "Give 2 entries"),
+        ([4, None], "odd positive"),
+        ([-3, None], "odd positive"),
+        ([True, None], "odd positive"),
+    ],
+)
+def test_bad_per_block_kernels_raise_clear_errors(kernels, match):
+    with pytest.raises(ValueError, match=match):
+        dit_analog(core_kernel_sizes=kernels)
+    with pytest.raises(ValueError, match=match):
+        dit_analog().set_core_kernel_sizes(kernels)
+
+
+def test_per_block_kernels_save_load_round_trip(tmp_path):
+    model = randomize(dit_analog(num_core_blocks=3, core_kernel_sizes=[3, 5, None])).eval()
+    model.save_pretrained(tmp_path)
+    loaded = MDiTTransformer2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.core_kernel_sizes == [3, 5, None]
+    assert [b.attn.kernel_size for b in loaded.core_sequence()] == [3, 5, None]
+    x, t = inputs(height=16, width=16)
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, labels).sample, loaded(x, t, labels).sample)
+
+
+def test_set_core_attention_clears_per_block_kernels_and_set_core_kernel_sizes_restores():
+    model = dit_analog(num_core_blocks=3, core_kernel_sizes=[3, None, None])
+    model.set_core_attention("neighborhood", kernel_size=5)
+    assert model.config.core_kernel_sizes is None
+    assert [b.attn.kernel_size for b in model.core_sequence()] == [5, 5, 5]
+    model.set_core_kernel_sizes([None, 3, 0])
+    assert model.config.core_kernel_sizes == [None, 3, 0]
+    assert [b.attn.kernel_size for b in model.core_sequence()] == [None, 3, None]
+    model.set_core_kernel_sizes(None)  # back to the uniform neighborhood k=5
+    assert model.config.core_kernel_sizes is None
+    assert [b.attn.kernel_size for b in model.core_sequence()] == [5, 5, 5]
+    model.set_core_attention("global")
+    assert [b.attn.kernel_size for b in model.core_sequence()] == [None, None, None]
+
+
 def test_outer_kernel_only_changes_output_when_smaller_than_grid():
     model = randomize(tiny(outer_kernel_size=3)).eval()
     x, t = inputs()

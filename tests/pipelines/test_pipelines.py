@@ -143,6 +143,15 @@ def test_core_attention_and_core_patch_schedule_are_restored_after_the_call(kind
     assert model.core_resample_factor == 1 and model.config.core_attention_type == "global"
 
 
+def test_per_block_core_kernels_are_restored_after_a_core_attention_call():
+    model = tiny_mdit(in_channels=3, num_classes=10, core_kernel_sizes=[3, None, None])
+    pipe = MDiTPipeline(transformer=model, scheduler=ddim_x0())
+    pipe(class_labels=[1], height=16, width=16, num_inference_steps=2, core_attention="global",
+         output_type="pt")  # fmt: skip
+    assert model.config.core_kernel_sizes == [3, None, None]
+    assert [block.attn.kernel_size for block in model.core_sequence()] == [3, None, None]
+
+
 def test_callback_can_replace_latents():
     pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
     calls = []

@@ -207,6 +207,13 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             time with :meth:`set_core_attention`.
         core_kernel_size (`int`, defaults to 15): Neighborhood size used by the core when
             ``core_attention_type="neighborhood"``.
+        core_kernel_sizes (`list`, *optional*): Per-block core self-attention, overriding the
+            two settings above block by block: one entry per block of :meth:`core_sequence`
+            (``K + L`` entries; ``L = num_core_blocks`` for the DiT analog ``{0, 0, 0, L}``),
+            each an odd kernel size (neighborhood attention in that block) or ``None``/``0``
+            (global attention). Local windows in chosen layers, e.g. ``[3, 3, None, ...]``
+            (An et al. 2024, "On Inductive Biases That Enable Generalization of Diffusion
+            Transformers"); switch at run time with :meth:`set_core_kernel_sizes`.
         core_patch_size (`int`, defaults to 2): Patch factor between outer level and core.
         rope_position_pairs (`int`, *optional*): Complex pairs per head carrying position
             (``r_dim``); defaults to ``attention_head_dim // 4``.
@@ -247,6 +254,7 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         outer_kernel_size: int = 7,
         core_attention_type: str = "global",
         core_kernel_size: int = 15,
+        core_kernel_sizes: list[int | None] | None = None,
         core_patch_size: int = 2,
         rope_position_pairs: int | None = None,
         rope_base: float = 16.0,
@@ -267,6 +275,9 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             core_attention_type=core_attention_type,
             num_classes=num_classes,
             blocks=(num_outer_in_blocks, num_outer_out_blocks, num_core_blocks),
+        )
+        per_block_kernels = _per_block_kernels(
+            core_kernel_sizes, num_alternating_blocks + num_core_blocks
         )
         out_channels = out_channels or in_channels
         head_dim = attention_head_dim
@@ -323,6 +334,8 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             for _ in range(num_alternating_blocks // 2)
         )
         self.core_unpatch = Unpatch(core_dim, patch_out, core_patch_size)
+        if per_block_kernels is not None:
+            self._apply_core_kernels(per_block_kernels)
         self.initialize_weights()
 
     # -- structure -----------------------------------------------------------------------------
@@ -352,6 +365,7 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         ``"neighborhood"`` (kernel ``kernel_size``, default ``config.core_kernel_size``).
 
         The choice is written to the config, so a model saved afterwards loads the same way.
+        It applies to every block, so it clears per-block ``core_kernel_sizes``.
         """
         if attention_type not in ("global", "neighborhood"):
             raise ValueError(
@@ -359,9 +373,30 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             )
         kernel_size = kernel_size or self.config.core_kernel_size
         kernel = kernel_size if attention_type == "neighborhood" else None
-        for block in self.core_sequence():
+        self._apply_core_kernels([kernel] * len(self.core_sequence()))
+        self.register_to_config(
+            core_attention_type=attention_type, core_kernel_size=kernel_size, core_kernel_sizes=None
+        )
+
+    def set_core_kernel_sizes(self, kernel_sizes: list[int | None] | None) -> None:
+        """Per-block core self-attention (see ``core_kernel_sizes`` in the class docstring):
+        one odd kernel size, or ``None``/``0`` for global attention, per block of
+        :meth:`core_sequence`. ``None`` returns every block to the uniform
+        ``core_attention_type`` / ``core_kernel_size``. Written to the config like
+        :meth:`set_core_attention`."""
+        kernels = _per_block_kernels(kernel_sizes, len(self.core_sequence()))
+        if kernels is None:
+            neighborhood = self.config.core_attention_type == "neighborhood"
+            uniform = self.config.core_kernel_size if neighborhood else None
+            kernels = [uniform] * len(self.core_sequence())
+        self._apply_core_kernels(kernels)
+        self.register_to_config(
+            core_kernel_sizes=None if kernel_sizes is None else list(kernel_sizes)
+        )
+
+    def _apply_core_kernels(self, kernels: list[int | None]) -> None:
+        for block, kernel in zip(self.core_sequence(), kernels, strict=True):
             block.attn.kernel_size = kernel
-        self.register_to_config(core_attention_type=attention_type, core_kernel_size=kernel_size)
 
     def initialize_weights(self) -> None:
         """Appendix G.3: every matrix, input embeddings included, from a truncated normal with
@@ -575,6 +610,31 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+
+def _per_block_kernels(kernel_sizes, num_blocks: int) -> list[int | None] | None:
+    """``core_kernel_sizes`` checked, with ``0`` read as ``None`` (global attention)."""
+    if kernel_sizes is None:
+        return None
+    kernel_sizes = list(kernel_sizes)
+    if len(kernel_sizes) != num_blocks:
+        raise ValueError(
+            f"core_kernel_sizes needs one entry per core block in execution order "
+            f"({num_blocks} = num_alternating_blocks + num_core_blocks), got {len(kernel_sizes)}: "
+            f"{kernel_sizes}. Give {num_blocks} entries (None for a global block)."
+        )
+    kernels = []
+    for kernel in kernel_sizes:
+        if kernel is None or kernel == 0:
+            kernels.append(None)
+        elif isinstance(kernel, int) and not isinstance(kernel, bool) and kernel > 0 and kernel % 2:
+            kernels.append(kernel)
+        else:
+            raise ValueError(
+                f"core_kernel_sizes entries must be odd positive kernel sizes or None/0 (global), "
+                f"got {kernel!r} in {kernel_sizes}."
+            )
+    return kernels
 
 
 def _validate_config(

@@ -99,7 +99,9 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
             if patch_schedule is not None:
                 model.set_core_resample_factor(2 if step < patch_schedule * total else 1)
 
-        previous = (model.config.core_attention_type, model.config.core_kernel_size)
+        config = model.config
+        previous = (config.core_attention_type, config.core_kernel_size)
+        previous_per_block = getattr(config, "core_kernel_sizes", None)
         if attention is not None:
             model.set_core_attention(attention, kernel_size)
         try:
@@ -108,6 +110,8 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
             model.set_core_resample_factor(1)
             if attention is not None:
                 model.set_core_attention(*previous)
+                if previous_per_block is not None:
+                    model.set_core_kernel_sizes(previous_per_block)
 
     def check_common_inputs(
         self,
