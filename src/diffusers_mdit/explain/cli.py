@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     for name, module_name in available_analyses().items():
         module = importlib.import_module(f".{module_name}", __package__)
-        sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
+        sub = commands.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         sub.add_argument("model", metavar="MODEL_OR_PIPELINE_DIR", help="pipeline or model folder")
         sub.add_argument("--output_dir", required=True, help="where the JSON and PNGs go")
         sub.add_argument(
