@@ -45,3 +45,44 @@ def test_missing_dataset_folder_names_the_fix(tmp_path):
         ImageDataset(train_data_dir=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="exactly one"):
         ImageDataset()
+
+
+def test_digits_split_is_stratified_disjoint_seeded_and_the_probe_split():
+    from diffusers_mdit.explain.mlp_probe import stratified_split
+    from diffusers_mdit.training.data import digits_split
+
+    train, held = digits_split(0.2)
+    assert len(train) + len(held) == 1797 and not set(train.tolist()) & set(held.tolist())
+    labels = DigitsDataset(resolution=8, channels=1).labels
+    for digit in range(10):
+        share = (labels[held] == digit).sum() / (labels == digit).sum()
+        assert abs(share - 0.2) < 0.01
+    probe_train, probe_held = stratified_split(labels, 0.8, seed=0)
+    assert torch.equal(train, probe_train) and torch.equal(held, probe_held)
+    assert not torch.equal(digits_split(0.2, seed=1)[1], held)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        digits_split(1.0)
+
+
+def test_subset_indices_takes_the_first_n_and_repeats_them_to_the_minimum_length():
+    from diffusers_mdit.training.data import subset_indices
+
+    assert subset_indices([5, 3, 9, 1], 2) == [5, 3]
+    assert subset_indices([5, 3, 9, 1], None) == [5, 3, 9, 1]
+    assert subset_indices([5, 3, 9, 1], 10) == [5, 3, 9, 1]
+    assert subset_indices([5, 3, 9, 1], 3, min_length=7) == [5, 3, 9] * 3
+    assert subset_indices(range(4), None, min_length=4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=">= 1"):
+        subset_indices(range(4), 0)
+
+
+def test_image_dataset_select_keeps_rows_and_labels_in_order(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            PIL.Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / label / f"{i}.png")
+    data = ImageDataset(train_data_dir=str(tmp_path), resolution=8)
+    subset = data.select([3, 0, 3])
+    assert len(subset) == 3 and len(data) == 4
+    assert [subset.label(i) for i in range(3)] == [data.label(3), data.label(0), data.label(3)]
+    torch.testing.assert_close(subset[0]["pixel_values"], data[3]["pixel_values"])

@@ -104,6 +104,48 @@ def test_missing_dataset_folder_is_reported(tmp_path):
         train(parse(argv))
 
 
+def test_max_train_samples_trains_on_the_first_n_training_digits_and_never_the_held_out(tmp_path):
+    from diffusers_mdit.training.data import DigitsDataset, digits_split
+    from diffusers_mdit.training.trainer import build_dataset
+
+    train_part, held = digits_split(0.2)
+    args = parse(flags(tmp_path, tmp_path / "x", max_train_samples=10, held_out_fraction=0.2))
+    dataset, classes = build_dataset(args, min_length=8)
+    expected = DigitsDataset(resolution=8, channels=3, indices=train_part[:10])
+    assert classes == 10 and torch.equal(dataset.images, expected.images)
+    assert torch.equal(dataset.labels, expected.labels)
+    # A subset smaller than the global batch is repeated whole.
+    repeated, _ = build_dataset(args, min_length=16)
+    assert torch.equal(repeated.images, expected.images.repeat(2, 1, 1, 1))
+    # Without a size limit: the whole training part, none of the held-out images.
+    everything, _ = build_dataset(parse(flags(tmp_path, tmp_path / "x", held_out_fraction=0.2)))
+    assert len(everything) == len(train_part)
+    own = DigitsDataset(resolution=8, channels=3, indices=train_part).images
+    assert torch.equal(everything.images, own)
+    held_images = DigitsDataset(resolution=8, channels=3, indices=held).images.flatten(1)
+    assert torch.cdist(everything.images.flatten(1), held_images).min() > 0  # no image repeats
+    # A 5-image run with batches of 8 trains.
+    result = train(
+        parse(flags(tmp_path, tmp_path / "five", max_train_samples=5, max_train_steps=2))
+    )
+    assert result.steps == 2
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (dict(held_out_fraction=0.2, train_data_dir="folder"), "digits only"),
+        (dict(held_out_fraction=1.5), r"\(0, 1\)"),
+        (dict(max_train_samples=0), ">= 1"),
+    ],
+)
+def test_subset_flags_report_what_they_cannot_do(tmp_path, extra, match):
+    from diffusers_mdit.training.trainer import build_dataset
+
+    with pytest.raises(ValueError, match=match):
+        build_dataset(parse(flags(tmp_path, tmp_path / "x", **extra)))
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     steps = dict(max_train_steps=6, checkpointing_steps=100)
     single = train(parse(flags(tmp_path, tmp_path / "one", train_batch_size=8, **steps)))

@@ -8,7 +8,9 @@ which latent preparation derives the auxiliary scale and aspect conditions.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,6 +18,37 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 DIGITS_CLASSES = 10
+DIGITS_IMAGES = 1797
+
+
+def digits_split(held_out_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out indices of the 1,797 digits, each sorted: a seeded split
+    stratified by class with ``held_out_fraction`` of every class held out. It is the MLP
+    probe's split (:func:`diffusers_mdit.explain.mlp_probe.stratified_split` with training
+    fraction ``1 - held_out_fraction``), so a model trained on the training part can be
+    probed and scored on images it never saw."""
+    from sklearn.datasets import load_digits
+
+    from ..explain.mlp_probe import stratified_split
+
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}.")
+    labels = torch.from_numpy(load_digits().target.astype(np.int64))
+    return stratified_split(labels, 1 - held_out_fraction, seed)
+
+
+def subset_indices(
+    indices: Sequence[int], max_samples: int | None = None, min_length: int = 1
+) -> list[int]:
+    """The first ``max_samples`` of ``indices`` (all of them when ``None`` or larger), the
+    subset repeated whole as often as needed to hold at least ``min_length`` items (a training
+    subset smaller than the batch then fills batches with copies of itself)."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}.")
+    subset = [int(i) for i in indices][:max_samples]
+    if not subset:
+        raise ValueError("The subset is empty: there are no indices to take samples from.")
+    return subset * -(-min_length // len(subset))
 
 
 class DigitsDataset(Dataset):
@@ -122,6 +155,14 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def select(self, indices: Sequence[int]) -> ImageDataset:
+        """A copy holding only the rows ``indices`` (in that order, repeats allowed)."""
+        subset = copy.copy(self)
+        subset.data = self.data.select(list(indices))
+        if self.labels is not None:
+            subset.labels = [self.labels[i] for i in indices]
+        return subset
 
     def transform(self, image) -> torch.Tensor:
         """Resize the shorter side, center-crop, to ``(C, R, R)`` in [-1, 1]."""

@@ -45,7 +45,14 @@ from .checkpointing import (
     save_checkpoint,
     step_generator,
 )
-from .data import DIGITS_CLASSES, DigitsDataset, ImageDataset
+from .data import (
+    DIGITS_CLASSES,
+    DIGITS_IMAGES,
+    DigitsDataset,
+    ImageDataset,
+    digits_split,
+    subset_indices,
+)
 from .finetuning import FINETUNE_MODES, load_pretrained_model, prepare_finetuning
 from .losses import ActivationCapture, scheduled_weight, training_losses
 from .objectives import drop_aux_conditions, drop_labels, drop_text_conditions, make_objective
@@ -79,6 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--train_data_dir", default=None, help="An imagefolder directory (overrides name).")
     add("--image_column", default="image")
     add("--label_column", default="label")
+    add(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on the first N samples only (the digits: of the training part left by "
+        "--held_out_fraction, in dataset order; other image datasets: the first N rows). A "
+        "subset smaller than the global batch is repeated whole to fill it.",
+    )
+    add(
+        "--held_out_fraction",
+        type=float,
+        default=0.0,
+        help="Digits only: never train on a held-out split, this fraction of every class, "
+        "drawn with seed 0 (training.data.digits_split, the MLP probe's split); 0 = none.",
+    )
     add("--resolution", type=int, default=16)
     add(
         "--random_flip",
@@ -180,12 +202,31 @@ class TrainResult:
     trainable_parameters: int = 0
 
 
-def build_dataset(args):
+def build_dataset(args, min_length: int = 1):
+    """The training data and its number of classes. ``--max_train_samples`` subsets are
+    repeated to at least ``min_length`` items (the global batch)."""
+    digits = not args.train_shards and args.train_data_dir is None and args.dataset_name == "digits"
+    if args.held_out_fraction and not digits:
+        raise ValueError(
+            "--held_out_fraction splits the built-in digits only; for other data, hold images "
+            "out of the folder or dataset itself (or use a glob of latent shards)."
+        )
     if args.train_shards:
+        if args.max_train_samples is not None:
+            raise ValueError(
+                "--max_train_samples does not subset latent shards; pass a glob of fewer "
+                "shards to --train_shards instead."
+            )
         shards = LatentShardDataset(args.train_shards)
         return shards, shards.num_classes
-    if args.train_data_dir is None and args.dataset_name == "digits":
-        return DigitsDataset(resolution=args.resolution, channels=3), DIGITS_CLASSES
+    if digits:
+        indices = None
+        if args.held_out_fraction or args.max_train_samples is not None:
+            kept = range(DIGITS_IMAGES)
+            if args.held_out_fraction:
+                kept = digits_split(args.held_out_fraction)[0].tolist()
+            indices = subset_indices(kept, args.max_train_samples, min_length)
+        return DigitsDataset(args.resolution, channels=3, indices=indices), DIGITS_CLASSES
     data = ImageDataset(
         dataset_name=None if args.train_data_dir else args.dataset_name,
         train_data_dir=args.train_data_dir,
@@ -194,6 +235,8 @@ def build_dataset(args):
         image_column=args.image_column,
         label_column=args.label_column,
     )
+    if args.max_train_samples is not None:
+        data = data.select(subset_indices(range(len(data)), args.max_train_samples, min_length))
     return data, (max(data.labels) + 1 if data.labels else 0)
 
 
@@ -371,7 +414,7 @@ def train(args) -> TrainResult:
         ),
     )
     set_seed(args.seed)
-    dataset, num_classes = build_dataset(args)
+    dataset, num_classes = build_dataset(args, args.train_batch_size * accelerator.num_processes)
     num_classes = 0 if args.unconditional else num_classes
     check_data_arguments(args, dataset)
     shards = isinstance(dataset, LatentShardDataset)
