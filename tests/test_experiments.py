@@ -62,8 +62,11 @@ def test_ablation_arms_match_the_full_model_within_ten_percent_and_change_one_th
     ablations = load_experiment("ablations")
     common = load_experiment("common")
     recipe = common.Recipe()
-    full, no_outer, no_aggregate = (ablations.ARMS[arm] for arm in ablations.ARMS)
+    full, no_outer, no_aggregate, modulation = (ablations.ARMS[arm] for arm in ablations.ARMS)
     base = common.parameter_count(full, recipe)
+    assert abs(common.parameter_count(modulation, recipe) / base - 1) < 0.1
+    assert {k for k in modulation if modulation.get(k) != full.get(k)} == {"class_conditioning"}
+    assert modulation["class_conditioning"] == "modulation"
     for config in (no_outer, no_aggregate):
         assert abs(common.parameter_count(config, recipe) / base - 1) < 0.1
         changed = {k for k in config if config[k] != full[k]}

@@ -366,6 +366,45 @@ def test_class_labels_change_output_and_none_means_null_label():
     torch.testing.assert_close(none, null)
 
 
+@pytest.mark.parametrize("class_conditioning", ["cross_attention", "modulation"])
+def test_class_conditioning_modes_follow_the_label_and_none_means_null(class_conditioning):
+    model = randomize(tiny(num_classes=4, class_conditioning=class_conditioning)).eval()
+    x, t = inputs()
+    with torch.no_grad():
+        a = model(x, t, class_labels=torch.tensor([0, 0])).sample
+        b = model(x, t, class_labels=torch.tensor([1, 1])).sample
+        null = model(x, t, class_labels=torch.tensor([4, 4])).sample
+        none = model(x, t).sample
+    assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(none, null)
+
+
+def test_class_modulation_adds_the_embedding_to_the_global_condition_and_has_no_class_tokens():
+    """``"modulation"`` = ``G(t + y)``: a model whose class embedding row is the zero vector
+    behaves exactly like the unconditional model with the same weights, and no block has
+    condition-token projections."""
+    model = randomize(tiny(num_classes=4, class_conditioning="modulation")).eval()
+    plain = tiny(num_classes=0)
+    assert not any("to_k_cond" in name for name, _ in model.named_parameters())
+    assert model.class_embedding.weight.shape == (5, model.config.core_dim)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("class_embedding")}
+    plain.load_state_dict(state)  # strict: the rest of the model is the unconditional one
+    plain.eval()
+    x, t = inputs()
+    with torch.no_grad():
+        model.class_embedding.weight[2].zero_()
+        zero = model(x, t, class_labels=torch.tensor([2, 2])).sample
+        other = model(x, t, class_labels=torch.tensor([1, 1])).sample
+        torch.testing.assert_close(zero, plain(x, t).sample)
+    assert (other - zero).abs().max() > 1e-3
+    tokens = tiny(num_classes=4)
+    fewer = count_parameters(tokens) - count_parameters(model)
+    blocks = [m for m in tokens.modules() if hasattr(m, "to_k_cond")]
+    assert blocks and fewer == sum(
+        m.to_k_cond.weight.numel() + m.to_v_cond.weight.numel() for m in blocks
+    )
+
+
 def test_timestep_and_aux_conditions_change_output():
     model = randomize(tiny(use_aux_conditions=True)).eval()
     x, _ = inputs()
@@ -488,6 +527,7 @@ def test_bad_inputs_raise_clear_errors(kwargs, call, match):
         ({"num_alternating_blocks": 3}, "even"),
         ({"core_dim": 100}, "multiple of attention_head_dim"),
         ({"core_attention_type": "windowed"}, "global"),
+        ({"class_conditioning": "adaln"}, "class_conditioning must be"),
     ],
 )
 def test_bad_configs_raise_clear_errors(kwargs, match):

@@ -230,6 +230,13 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             network; defaults to ``core_dim``.
         gradient_flow_scale (`float`, defaults to 1.0): Gradient scale on the mapping network
             output and class embeddings (G.4's gradient-flow reduction; 1.0 = off).
+        class_conditioning (`str`, defaults to `"cross_attention"`): How the class reaches the
+            blocks. ``"cross_attention"`` (the paper): the class embedding is a condition token
+            that the core's cross-attention attends to, beside the time token.
+            ``"modulation"`` (DiT-style, for ablations): the class embedding is added to the
+            global condition before its activation, ``G(t + y)``, so it reaches every block
+            through the outer blocks' modulation and the core's time token; there are then
+            no class tokens and no condition-token projections.
     """
 
     _supports_gradient_checkpointing = True
@@ -265,8 +272,14 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         aux_embedding_dim: int = 256,
         condition_dim: int | None = None,
         gradient_flow_scale: float = 1.0,
+        class_conditioning: str = "cross_attention",
     ):
         super().__init__()
+        if class_conditioning not in ("cross_attention", "modulation"):
+            raise ValueError(
+                f"class_conditioning must be 'cross_attention' or 'modulation', got "
+                f"{class_conditioning!r}."
+            )
         _validate_config(
             num_alternating_blocks=num_alternating_blocks,
             outer_dim=outer_dim,
@@ -286,7 +299,8 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         core_heads = core_dim // head_dim
         aggregate_heads = num_aggregate_heads or round(1.5 * core_heads)
         core_kernel = core_kernel_size if core_attention_type == "neighborhood" else None
-        has_condition_tokens = num_classes > 0 or cross_attention_dim is not None
+        self.class_tokens = num_classes > 0 and class_conditioning == "cross_attention"
+        has_condition_tokens = self.class_tokens or cross_attention_dim is not None
         condition_token_dim = (cross_attention_dim or core_dim) if has_condition_tokens else None
         self.has_outer_level = num_outer_in_blocks + num_outer_out_blocks > 0
         self.core_resample_factor = 1
@@ -296,7 +310,8 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             condition_dim, timestep_embedding_dim, use_aux_conditions, aux_embedding_dim
         )
         if num_classes > 0:
-            self.class_embedding = nn.Embedding(num_classes + 1, condition_token_dim)
+            width = condition_token_dim if self.class_tokens else condition_dim
+            self.class_embedding = nn.Embedding(num_classes + 1, width)
 
         shared = dict(
             ffn_mult=ffn_mult, head_dim=head_dim, rope_pairs=rope_pairs, rope_base=rope_base
@@ -519,14 +534,17 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             h = F.interpolate(h, scale_factor=factor, mode="bilinear", align_corners=False)
         return h.permute(0, 2, 3, 1)
 
+    def _class_embedding(self, batch, class_labels):
+        """``(B, width)`` class embeddings, the null label where ``class_labels`` is None."""
+        labels = null_labels_if_missing(class_labels, self.config.num_classes, batch, self.device)
+        embedding = self.class_embedding(labels)
+        return reduce_gradient_flow(embedding, self.config.gradient_flow_scale)
+
     def _condition_tokens(self, batch, class_labels, encoder_hidden_states, encoder_attention_mask):
         tokens, masks = [], []
-        if self.config.num_classes > 0:
-            class_labels = null_labels_if_missing(
-                class_labels, self.config.num_classes, batch, self.device
-            )
-            embedding = self.class_embedding(class_labels)[:, None]
-            tokens.append(reduce_gradient_flow(embedding, self.config.gradient_flow_scale))
+        if self.class_tokens:
+            embedding = self._class_embedding(batch, class_labels)[:, None]
+            tokens.append(embedding)
             masks.append(torch.ones(batch, 1, device=embedding.device, dtype=torch.bool))
         if encoder_hidden_states is not None:
             tokens.append(encoder_hidden_states)
@@ -582,6 +600,8 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         timestep = expand_timestep(timestep, batch, hidden_states.device)
         condition = self.condition_embedding(timestep, image_scale, aspect_ratio)
         condition = reduce_gradient_flow(condition, self.config.gradient_flow_scale)
+        if self.config.num_classes > 0 and not self.class_tokens:
+            condition = condition + self._class_embedding(batch, class_labels).to(condition.dtype)
         time_condition = F.gelu(condition)
         tokens, mask = self._condition_tokens(
             batch, class_labels, encoder_hidden_states, encoder_attention_mask
