@@ -108,8 +108,78 @@ def test_sample_variances_is_eq2_variance_per_sample_and_channel():
     np.testing.assert_allclose(variance_matching.sample_variances(images), expected.flatten(), 1e-5)
 
 
+def test_psnr_of_a_known_error_and_the_gap_sign():
+    import torch
+
+    local_attention = load_experiment("local_attention")
+    target = torch.zeros(2, 3, 4, 4)
+    estimate = torch.full_like(target, 0.2)  # MSE 0.04 on a peak-to-peak range of 2
+    expected = 10 * np.log10(4 / 0.04)  # 20 dB
+    np.testing.assert_allclose(local_attention.psnr(estimate, target).numpy(), [expected] * 2)
+    record = {
+        "step": 2, "train_seconds": 1.0, "score_seconds": 1.0, "fd": 5.0, "accuracy": 0.5,
+        "psnr_train": {"100": 30.0, "600": 20.0}, "psnr_held": {"100": 27.0, "600": 19.0},
+    }  # fmt: skip
+    recipe = load_experiment("common").Recipe()
+    rows = local_attention.run_rows("k3 blocks 1-2", "10", 0, record, recipe)
+    assert [(r["t"], r["gap"]) for r in rows] == [(100, 3.0), (600, 1.0)]
+    assert rows[0]["mean_gap"] == 2.0 and rows[0]["train_size"] == 10
+    assert rows[0]["core_kernel_sizes"] == "3 3 - - - -"
+    (summary,) = local_attention.summarise(rows)
+    assert summary["gap_mean"] == 2.0 and summary["gap_by_t"] == {100: 3.0, 600: 1.0}
+
+
+def test_denoising_psnr_of_an_x0_model_that_returns_its_input_is_the_noise_psnr():
+    """An x0 model that outputs its noisy input: x0_hat = x_t, so the PSNR is that of the
+    noise alone, computed independently from the schedule's alpha_bar."""
+    import torch
+
+    local_attention = load_experiment("local_attention")
+    from diffusers_mdit.training.objectives import make_objective
+
+    class Identity(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return type("Out", (), {"sample": x})()
+
+    objective = make_objective("x0")
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    (score,) = local_attention.denoising_psnr(
+        Identity(), objective, images, torch.zeros(4, dtype=torch.long), [300], seed=0
+    ).values()
+    alpha_bar = objective.noise_scheduler.alphas_cumprod[300]
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(300))
+    noisy = (alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise).clamp(-1, 1)
+    mse = (noisy - images).pow(2).flatten(1).mean(1)
+    assert score == pytest.approx((10 * torch.log10(4 / mse)).mean().item(), rel=1e-5)
+
+
+def test_local_attention_arms_differ_from_global_only_in_their_windows():
+    local_attention = load_experiment("local_attention")
+    common = load_experiment("common")
+    recipe = common.Recipe()
+    base = local_attention.ARMS["global"]
+    count = common.parameter_count(base, recipe)
+    windows = set()
+    for arm, config in local_attention.ARMS.items():
+        assert {k for k in {**config, **base} if config.get(k) != base.get(k)} <= {
+            "core_kernel_sizes"
+        }
+        assert common.parameter_count(config, recipe) == count, arm
+        kernels = config.get("core_kernel_sizes")
+        if arm != "global":
+            assert len(kernels) == base["num_core_blocks"] and any(kernels)
+            assert max(k or 0 for k in kernels) < local_attention.GRID
+            windows.add(tuple(kernels))
+    assert len(windows) == len(local_attention.ARMS) - 1  # every arm is a distinct layout
+    with pytest.raises(ValueError, match="covers the 8x8"):
+        local_attention.check_arm(dict(base, core_kernel_sizes=[9, 3, 0, 0, 0, 0]))
+    assert local_attention.training_size("full") == 1797 - 359
+    assert local_attention.training_size("10") == 10
+
+
 @pytest.mark.parametrize(
-    "name", ["convergence", "variance_matching", "ablations", "time_conditioning"]
+    "name",
+    ["convergence", "variance_matching", "ablations", "time_conditioning", "local_attention"],
 )
 def test_quick_run_writes_raw_numbers_and_plots(tmp_path, name):
     experiment = load_experiment(name)
@@ -124,6 +194,16 @@ def test_quick_run_writes_raw_numbers_and_plots(tmp_path, name):
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert all(np.isfinite(row["fd"]) and 0 <= row["accuracy"] <= 1 for row in saved["rows"])
     assert (tmp_path / f"{name}.csv").is_file() and (tmp_path / f"{name}.png").is_file()
+    if name == "local_attention":
+        assert (tmp_path / "local_attention_sizes.png").is_file()
+        arms = {(row["arm"], row["train_size"], row["t"]) for row in saved["rows"]}
+        assert arms == {
+            (arm, size, t)
+            for arm in ("global", "k3 blocks 1-2")
+            for size in (10, 1438)
+            for t in (100, 600)
+        }
+        assert all(np.isfinite(row["gap"]) for row in saved["rows"])
 
 
 def test_parameter_count_builds_the_family_the_config_names():
