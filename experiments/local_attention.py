@@ -8,7 +8,8 @@ the whole split) with and without neighborhood attention in chosen core blocks
 (``core_kernel_sizes``) in several placements and window sizes: by default global everywhere,
 3x3-token windows in the first 2 or the first 4 of the 6 blocks, 5x5 in the first 2;
 ``--arms`` also offers 3x3 in the last 2 blocks and 5x5 in the first 4. A stratified 20% of
-the digits (``training.data.digits_split``) is held out and never trained on. Every run uses the identical recipe and step count.
+the digits (``training.data.digits_split``) is held out and never trained on. Every run uses
+the identical recipe and step count.
 
 Generalization, as in the paper: at fixed noise levels t of the 1000-step training schedule and
 with fixed (seeded) noise, the images the run trained on (at most ``--eval_images`` of them) and
