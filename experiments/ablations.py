@@ -13,6 +13,8 @@ issue asks for it "if offered").
 
     python experiments/ablations.py            # 4 arms x 2 seeds, 800 steps (CPU)
     python experiments/ablations.py --quick    # CI smoke run
+    # add one arm to an existing result without retraining the others:
+    python experiments/ablations.py --arms "class by modulation {1,1,2,4}" --update
 
 Writes ``<results_dir>/ablations.json`` / ``.csv`` and ``ablations.png``.
 """

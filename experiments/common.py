@@ -218,6 +218,12 @@ def arm_arguments(description: str, arms: list[str], name: str, argv=None) -> ar
     parser.add_argument("--output_dir", default=f"outputs/experiments/{name}")
     parser.add_argument("--results_dir", default="experiments/results")
     parser.add_argument("--quick", action="store_true", help="tiny runs for a smoke test")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help=f"keep the rows of the arms not in --arms from the existing {name}.json (to add an "
+        "arm without retraining the others; they must have used the same recipe and --steps)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = [0], 2
@@ -272,12 +278,33 @@ def arm_folder(arm: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "_", arm.split(" {")[0].lower()).strip("_")
 
 
+def kept_rows(path: str, args: argparse.Namespace, recipe: Recipe) -> list[dict]:
+    """The rows of ``path`` (an earlier :func:`compare_arms` result) whose arm is not in
+    ``args.arms``, after checking that they were made with the same recipe and step count."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--update needs an earlier result at {path}; run without it")
+    with open(path) as f:
+        earlier = json.load(f)
+    same = earlier.get("recipe") == recipe_dict(recipe) and all(
+        earlier.get("arguments", {}).get(key) == getattr(args, key)
+        for key in ("steps", "samples_per_class", "num_inference_steps", "guidance_scale")
+    )
+    if not same:
+        raise ValueError(
+            f"--update: {path} was made with another recipe, --steps or sampling settings; "
+            "rerun every arm without --update"
+        )
+    return [row for row in earlier["rows"] if row["arm"] not in args.arms]
+
+
 def compare_arms(arms: dict[str, dict], args: argparse.Namespace, name: str) -> dict:
     """Train every arm (model config) with the same recipe for each seed, sample each, score
     it with the offline digits metrics; write ``<results_dir>/<name>.json`` / ``.csv`` /
     ``.png`` and print the table. Finished runs are reused (see :func:`train_in_stages`)."""
     recipe = Recipe()
     rows = []
+    if getattr(args, "update", False):
+        rows = kept_rows(os.path.join(args.results_dir, f"{name}.json"), args, recipe)
     for arm in args.arms:
         config = arms[arm]
         for seed in args.seeds:
@@ -295,7 +322,10 @@ def compare_arms(arms: dict[str, dict], args: argparse.Namespace, name: str) -> 
                     **digits_quality(images, labels),
                 }
             )
-    summary = summarise_arms(rows, args.arms)
+    order = {arm: i for i, arm in enumerate(arms)}
+    rows.sort(key=lambda r: (order.get(r["arm"], len(order)), r["seed"]))
+    run_arms = list(dict.fromkeys(r["arm"] for r in rows))
+    summary = summarise_arms(rows, run_arms)
     os.makedirs(args.results_dir, exist_ok=True)
     write_rows(rows, os.path.join(args.results_dir, f"{name}.csv"))
     result = {"recipe": recipe_dict(recipe), "arguments": vars(args), "rows": rows,

@@ -221,3 +221,22 @@ def test_parameter_count_builds_the_family_the_config_names():
         assert common.parameter_count(config, recipe) == expected
     tmsa, adaln = (common.parameter_count(c, recipe) for c in time_conditioning.ARMS.values())
     assert tmsa != adaln and abs(adaln / tmsa - 1) < 0.01
+
+
+def test_update_keeps_the_other_arms_rows_only_when_made_with_the_same_settings(tmp_path):
+    common = load_experiment("common")
+    args = common.arm_arguments("", ["a", "b"], "ablations", ["--arms", "b", "--update"])
+    rows = [
+        {"arm": "a", "seed": 0, "fd": 10.0, "accuracy": 0.9},
+        {"arm": "b", "seed": 0, "fd": 99.0, "accuracy": 0.1},
+    ]
+    earlier = {"recipe": common.recipe_dict(common.Recipe()), "rows": rows,
+               "arguments": dict(vars(args), arms=["a", "b"], update=False)}  # fmt: skip
+    path = tmp_path / "ablations.json"
+    path.write_text(json.dumps(earlier))
+    assert common.kept_rows(str(path), args, common.Recipe()) == rows[:1]
+    path.write_text(json.dumps(dict(earlier, arguments=dict(earlier["arguments"], steps=5))))
+    with pytest.raises(ValueError, match="another recipe"):
+        common.kept_rows(str(path), args, common.Recipe())
+    with pytest.raises(FileNotFoundError, match="run without it"):
+        common.kept_rows(str(tmp_path / "missing.json"), args, common.Recipe())
