@@ -132,13 +132,19 @@ def training_flops_per_step(model_config: dict, recipe: Recipe, num_classes: int
 
 @torch.no_grad()
 def sample_classes(
-    pipeline_dir: str, samples_per_class: int, num_inference_steps: int, guidance: float, seed: int
+    pipeline_dir: str,
+    samples_per_class: int,
+    num_inference_steps: int,
+    guidance: float,
+    seed: int,
+    num_classes: int = 10,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """``samples_per_class`` samples of each digit in [-1, 1], and their labels."""
+    """``samples_per_class`` samples of each class (the digits' 10 by default) in [-1, 1], and
+    their labels."""
     from diffusers_mdit.explain import load_for_analysis
 
     pipe = load_for_analysis(pipeline_dir).pipeline  # MDiT or DiffiT, by the saved folder
-    labels = np.repeat(np.arange(10), samples_per_class)
+    labels = np.repeat(np.arange(num_classes), samples_per_class)
     images = pipe(
         class_labels=labels.tolist(),
         num_inference_steps=num_inference_steps,
@@ -183,6 +189,36 @@ def digits_quality(images: torch.Tensor, labels) -> dict:
         classifier=_digits_classifier(),
     )
     return {"fd": scores["fd_classifier"], "accuracy": scores["accuracy"]}
+
+
+class FolderQuality:
+    """The offline metrics of :func:`digits_quality` against a labelled ``imagefolder`` (class
+    sub-folders or ``metadata.jsonl`` labels) at ``resolution``: the reference classifier is
+    trained once on its images (``diffusers_mdit.evaluation.train_classifier``, seed 0)."""
+
+    def __init__(self, path: str, resolution: int):
+        from diffusers_mdit.evaluation import ImageSet
+        from diffusers_mdit.evaluation.score import train_classifier
+
+        self.reference = ImageSet.from_folder(path, resolution)
+        if self.reference.labels is None or (self.reference.labels < 0).any():
+            raise ValueError(
+                f"{path!r} has no class labels: the offline metrics and class-conditional "
+                "training need class sub-folders or a metadata.jsonl with a 'label' column."
+            )
+        self.num_classes = int(self.reference.labels.max()) + 1
+        self.classifier = train_classifier(self.reference, seed=0)
+
+    def __call__(self, images: torch.Tensor, labels) -> dict:
+        from diffusers_mdit.evaluation import ImageSet, evaluate
+
+        scores = evaluate(
+            ImageSet.from_tensor(images, labels),
+            ["fd_classifier", "accuracy"],
+            reference=self.reference,
+            classifier=self.classifier,
+        )
+        return {"fd": scores["fd_classifier"], "accuracy": scores["accuracy"]}
 
 
 def write_rows(rows: list[dict], path: str) -> None:

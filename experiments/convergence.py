@@ -12,6 +12,14 @@ the spread is over seeds.
     python experiments/convergence.py                 # 3 seeds, stages up to 1200 steps (CPU)
     python experiments/convergence.py --quick         # CI smoke run (tiny stages)
     python experiments/convergence.py --seeds 0 1 2 3 4 --stages 250 500 1000 2000 4000
+    # any labelled imagefolder (class sub-folders or metadata.jsonl labels) instead of the digits:
+    python experiments/convergence.py --train_data_dir path/to/images --resolution 32 \
+        --output_dir outputs/experiments/convergence_mydata --results_dir outputs/mydata_results
+
+With ``--train_data_dir`` both arms train on that folder at ``--resolution`` (the same model
+configs: a larger resolution gives a larger core token grid) and are scored with the same
+offline metrics against it, the classifier trained on its images
+(``diffusers_mdit.evaluation``; its held-out accuracy is printed and saved).
 
 Writes ``<results_dir>/convergence.json`` (every stage of every run), ``convergence.csv`` and
 ``convergence.png`` (quality vs steps and vs training FLOPs, log-log); training runs live in
@@ -52,21 +60,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--output_dir", default="outputs/experiments/convergence")
     parser.add_argument("--results_dir", default="experiments/results")
+    parser.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="a labelled imagefolder to train and score on instead of the built-in digits",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=16, help="training and sampling size (pixels)"
+    )
+    parser.add_argument("--batch_size", type=int, default=Recipe.batch_size)
     parser.add_argument("--quick", action="store_true", help="tiny stages for a smoke run")
     args = parser.parse_args(argv)
+    if args.resolution % 4:
+        parser.error(f"--resolution {args.resolution} must be a multiple of 4 (the core patch)")
     if args.quick:
         args.seeds, args.stages = [0], [2, 4]
         args.samples_per_class, args.num_inference_steps = 2, 2
     return args
 
 
-def make_scorer(args):
+def make_scorer(args, num_classes: int = 10):
     """Score a stage by sampling it: the samples are kept (``samples-<step>.pt`` beside the
     run) so every metric can be recomputed later without sampling again."""
 
     def score(pipeline_dir: str) -> dict:
         images, labels = sample_classes(
-            pipeline_dir, args.samples_per_class, args.num_inference_steps, args.guidance_scale, 0
+            pipeline_dir,
+            args.samples_per_class,
+            args.num_inference_steps,
+            args.guidance_scale,
+            0,
+            num_classes,
         )
         step = training_state_step(pipeline_dir)
         path = os.path.join(pipeline_dir, f"samples-{step:06d}.pt")
@@ -109,7 +133,7 @@ def speedups(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
     return rows
 
 
-def plot(runs, path: str) -> None:
+def plot(runs, path: str, data: str = "the digits", resolution: int = 16) -> None:
     from diffusers_mdit.explain.common import pyplot, save_figure
 
     plt = pyplot()
@@ -124,39 +148,53 @@ def plot(runs, path: str) -> None:
             axes[0].loglog(steps, fd, "o-", color=color, alpha=0.7, label=label)
             axes[1].loglog(flops, fd, "o-", color=color, alpha=0.7, label=label)
             axes[2].semilogx(steps, accuracy, "o-", color=color, alpha=0.7, label=label)
-    axes[0].set(xlabel="training steps", ylabel="Frechet distance (digits features)")
-    axes[1].set(xlabel="training FLOPs", ylabel="Frechet distance (digits features)")
+    axes[0].set(xlabel="training steps", ylabel="Frechet distance (classifier features)")
+    axes[1].set(xlabel="training FLOPs", ylabel="Frechet distance (classifier features)")
     axes[2].set(xlabel="training steps", ylabel="conditional accuracy")
     for axis in axes:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
-    figure.suptitle("Convergence on the digits (16x16), one line per seed")
+    figure.suptitle(f"Convergence on {data} ({resolution}x{resolution}), one line per seed")
     figure.subplots_adjust(wspace=0.3)
     save_figure(figure, path)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    recipe = Recipe()
-    score = make_scorer(args)
+    recipe = Recipe(resolution=args.resolution, batch_size=args.batch_size)
+    data = "the digits"
+    if args.train_data_dir:
+        from common import FolderQuality
+
+        data = args.train_data_dir
+        quality = FolderQuality(data, args.resolution)
+        extra_flags = ["--train_data_dir", data]
+        num_classes = quality.num_classes
+        print(
+            f"{data}: {len(quality.reference.labels)} images, {num_classes} classes; reference "
+            f"classifier held-out accuracy {quality.classifier.heldout_accuracy:.3f}"
+        )
+    else:
+        from common import digits_quality as quality
+
+        extra_flags, num_classes = [], 10
+    score = make_scorer(args, num_classes)
     runs: dict[str, dict[int, list[dict]]] = {}
     for name, config in ARMS.items():
-        flops = training_flops_per_step(config, recipe)
+        flops = training_flops_per_step(config, recipe, num_classes)
         print(f"{name}: {flops / 1e9:.2f} GFLOPs per training step (batch {recipe.batch_size})")
         runs[name] = {}
         for seed in args.seeds:
             folder = os.path.join(args.output_dir, name.split()[0].lower(), f"seed{seed}")
-            records = train_in_stages(folder, config, args.stages, seed, recipe, score)
+            records = train_in_stages(folder, config, args.stages, seed, recipe, score, extra_flags)
             for record in records:
                 record["train_flops"] = record["step"] * flops
             runs[name][seed] = (folder, records)
 
     # Scored after all training, from the kept samples.
-    from common import digits_quality
-
     for seeds in runs.values():
         for seed, (folder, records) in seeds.items():
-            add_metrics(folder, records, digits_quality)
+            add_metrics(folder, records, quality)
             seeds[seed] = records
 
     rows = [
@@ -170,8 +208,10 @@ def main(argv=None) -> dict:
     write_rows(rows, os.path.join(args.results_dir, "convergence.csv"))
     result = {"recipe": recipe_dict(recipe), "arguments": vars(args), "rows": rows}
     result["speedups"] = ratios
+    if args.train_data_dir:
+        result["classifier_heldout_accuracy"] = quality.classifier.heldout_accuracy
     write_rows(result, os.path.join(args.results_dir, "convergence.json"))
-    plot(runs, os.path.join(args.results_dir, "convergence.png"))
+    plot(runs, os.path.join(args.results_dir, "convergence.png"), data, args.resolution)
 
     print(f"\n{'arm':<22} {'step':>6} " + " ".join(f"{'seed ' + str(s):>16}" for s in args.seeds))
     for name, seeds in runs.items():
@@ -181,7 +221,7 @@ def main(argv=None) -> dict:
                 for s in args.seeds
             ]
             print(f"{name:<22} {step:>6} " + " ".join(f"{c:>16}" for c in cells))
-    print("(cells: Frechet distance in the digits features, conditional accuracy)")
+    print("(cells: Frechet distance in the reference classifier's features, conditional accuracy)")
     for row in ratios:
         if row["mdit_step"] is None:
             reached = "MDiT never reached it (no speedup: below 1)"

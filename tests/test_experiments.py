@@ -240,3 +240,39 @@ def test_update_keeps_the_other_arms_rows_only_when_made_with_the_same_settings(
         common.kept_rows(str(path), args, common.Recipe())
     with pytest.raises(FileNotFoundError, match="run without it"):
         common.kept_rows(str(tmp_path / "missing.json"), args, common.Recipe())
+
+
+def test_convergence_trains_and_scores_on_a_labelled_imagefolder(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(3):
+        folder = tmp_path / "images" / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in np.flatnonzero(digits.target == label)[:12]:
+            pixels = (digits.images[index] * 255 / 16).astype(np.uint8)
+            Image.fromarray(pixels).convert("RGB").save(folder / f"{index}.png")
+    convergence = load_experiment("convergence")
+    sys.path.insert(0, EXPERIMENTS)
+    try:
+        result = convergence.main(
+            ["--quick", "--train_data_dir", str(tmp_path / "images"), "--resolution", "8",
+             "--batch_size", "8", "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path)]
+        )  # fmt: skip
+    finally:
+        sys.path.remove(EXPERIMENTS)
+    assert 0 <= result["classifier_heldout_accuracy"] <= 1
+    assert {row["arm"] for row in result["rows"]} == set(convergence.ARMS)
+    assert all(np.isfinite(row["fd"]) and 0 <= row["accuracy"] <= 1 for row in result["rows"])
+    saved = torch_load(tmp_path / "runs" / "mdit" / "seed0" / "samples-000004.pt")
+    assert saved["images"].shape == (3 * 2, 3, 8, 8)  # 3 classes x 2 samples, at --resolution
+    assert sorted(set(saved["labels"].tolist())) == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        convergence.parse_args(["--resolution", "18"])
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path)
