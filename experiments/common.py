@@ -239,6 +239,17 @@ def recipe_dict(recipe: Recipe) -> dict:
     return asdict(recipe)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, name: str, samples_per_class: int = 20):
+    """The arguments every experiment shares: how each run is sampled for scoring, where the
+    runs (``outputs/experiments/<name>``) and the results go, and ``--quick``."""
+    parser.add_argument("--samples_per_class", type=int, default=samples_per_class)
+    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--output_dir", default=f"outputs/experiments/{name}")
+    parser.add_argument("--results_dir", default="experiments/results")
+    parser.add_argument("--quick", action="store_true", help="tiny runs for a smoke test")
+
+
 # -- comparing architectures under one recipe (experiments 2 and 5) ---------------------------
 
 
@@ -248,12 +259,7 @@ def arm_arguments(description: str, arms: list[str], name: str, argv=None) -> ar
     parser.add_argument("--arms", nargs="+", default=arms, choices=arms)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--samples_per_class", type=int, default=20)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=2.0)
-    parser.add_argument("--output_dir", default=f"outputs/experiments/{name}")
-    parser.add_argument("--results_dir", default="experiments/results")
-    parser.add_argument("--quick", action="store_true", help="tiny runs for a smoke test")
+    add_run_arguments(parser, name)
     parser.add_argument(
         "--update",
         action="store_true",

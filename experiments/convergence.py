@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     DIT_DIGITS,
     MDIT_DIGITS,
     Recipe,
+    add_run_arguments,
     recipe_dict,
     sample_classes,
     train_in_stages,
@@ -55,11 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stages", type=int, nargs="+", default=[100, 200, 400, 800, 1200])
-    parser.add_argument("--samples_per_class", type=int, default=20)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=2.0)
-    parser.add_argument("--output_dir", default="outputs/experiments/convergence")
-    parser.add_argument("--results_dir", default="experiments/results")
     parser.add_argument(
         "--train_data_dir",
         default=None,
@@ -69,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resolution", type=int, default=16, help="training and sampling size (pixels)"
     )
     parser.add_argument("--batch_size", type=int, default=Recipe.batch_size)
-    parser.add_argument("--quick", action="store_true", help="tiny stages for a smoke run")
+    add_run_arguments(parser, "convergence")
     args = parser.parse_args(argv)
     if args.resolution % 4:
         parser.error(f"--resolution {args.resolution} must be a multiple of 4 (the core patch)")

@@ -58,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     DIT_DIGITS,
     Recipe,
+    add_run_arguments,
     arm_folder,
     digits_quality,
     parameter_count,
@@ -114,12 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=200,
         help="Training (the first the run saw) and held-out images scored per noise level.",
     )
-    parser.add_argument("--samples_per_class", type=int, default=10)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=2.0)
-    parser.add_argument("--output_dir", default="outputs/experiments/local_attention")
-    parser.add_argument("--results_dir", default="experiments/results")
-    parser.add_argument("--quick", action="store_true", help="tiny runs for a smoke test")
+    add_run_arguments(parser, "local_attention", samples_per_class=10)
     args = parser.parse_args(argv)
     if args.quick:
         args.arms, args.sizes, args.seeds, args.steps = DEFAULT_ARMS[:2], ["10", FULL], [0], 2

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     MDIT_DIGITS,
     Recipe,
+    add_run_arguments,
     recipe_dict,
     sample_classes,
     train_in_stages,
@@ -39,12 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--samples_per_class", type=int, default=20)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=2.0)
-    parser.add_argument("--output_dir", default="outputs/experiments/variance_matching")
-    parser.add_argument("--results_dir", default="experiments/results")
-    parser.add_argument("--quick", action="store_true", help="tiny runs for a smoke test")
+    add_run_arguments(parser, "variance_matching")
     args = parser.parse_args(argv)
     if args.quick:
         args.weights, args.seeds, args.steps = [0.0, 0.1], [0], 2

@@ -258,7 +258,8 @@ def test_convergence_trains_and_scores_on_a_labelled_imagefolder(tmp_path):
     try:
         result = convergence.main(
             ["--quick", "--train_data_dir", str(tmp_path / "images"), "--resolution", "8",
-             "--batch_size", "8", "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path)]
+             "--batch_size", "8", "--output_dir", str(tmp_path / "runs"),
+             "--results_dir", str(tmp_path)]
         )  # fmt: skip
     finally:
         sys.path.remove(EXPERIMENTS)
