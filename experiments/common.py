@@ -370,7 +370,8 @@ def compare_arms(arms: dict[str, dict], args: argparse.Namespace, name: str) -> 
     summary = summarise_arms(rows, run_arms)
     os.makedirs(args.results_dir, exist_ok=True)
     write_rows(rows, os.path.join(args.results_dir, f"{name}.csv"))
-    result = {"recipe": recipe_dict(recipe), "arguments": vars(args), "rows": rows,
+    arguments = dict(vars(args), arms=run_arms)  # with --update: every arm in the result
+    result = {"recipe": recipe_dict(recipe), "arguments": arguments, "rows": rows,
               "summary": summary}  # fmt: skip
     write_rows(result, os.path.join(args.results_dir, f"{name}.json"))
     plot_arms(summary, rows, os.path.join(args.results_dir, f"{name}.png"))
