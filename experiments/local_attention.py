@@ -20,14 +20,16 @@ clipped to the data range [-1, 1], so peak-to-peak 2) is averaged per image set.
 model reproduces its training images but not new ones. Sample quality of each run: the offline
 digits metrics (classifier FD, conditional accuracy).
 
-    python experiments/local_attention.py            # 4 arms x 4 sizes x 1 seed, ~46 min (CPU)
+    python experiments/local_attention.py            # 4 arms x 4 sizes x 2 seeds (CPU, ~2.5 h)
     python experiments/local_attention.py --quick    # CI smoke run
 
-Defaults and their cost, measured on the 2-core CPU with one torch thread while another job
-kept the other core busy: one training step of batch 16 takes ~0.1 s (batch 32: 0.16 s, the
-same with and without local windows: on 64 tokens the neighborhood attention is one masked
-dense attention), so a run of 1600 steps ~155 s, and scoring it (PSNRs, 100 samples) ~15 s:
-~3 min per run, ~46 min for the 16 default runs. With OMP_NUM_THREADS=2 beside another busy
+Defaults and their cost: in the recorded runs (2-core CPU, one torch thread, another experiment
+on the other core) training took 244-282 s a run (median 260 s; on 64 tokens the neighborhood
+attention is one masked dense attention, so local arms cost the same) and scoring ~20 s: ~4.7
+min per run (one run took 673 s while the test suite shared the machine), ~75 min for each
+seed's 16 runs. Finished runs are reused, so two processes with
+disjoint ``--sizes`` or ``--seeds`` (one thread each) halve the wall time, and a final run over
+everything only collects them. With OMP_NUM_THREADS=2 beside another busy
 process a step took 50x longer (8.1 s at batch 32): on a shared machine use one thread. The
 batch is 16 rather than the other experiments' 64 because, at equal time, smaller batches
 learned the 8x8-grid model faster (global arm, full split: batch 64 x 800 steps 232 s, FD 146,
@@ -105,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["10", "100", "1000", FULL],
         help="Training-set sizes N: integers, or 'full' for the whole training split.",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--noise_levels", type=int, nargs="+", default=NOISE_LEVELS)
@@ -327,6 +329,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         }
         for key in ("fd", "accuracy"):
             entry[key] = statistics.mean(r[key] for r in runs)
+            entry[f"{key}_std_over_seeds"] = (
+                statistics.stdev(r[key] for r in runs) if len(runs) > 1 else 0.0
+            )
         summary.append(entry)
     return summary
 
@@ -413,14 +418,15 @@ def main(argv=None) -> dict:
     plot_sizes(summary, os.path.join(args.results_dir, "local_attention_sizes.png"))
 
     print(
-        f"{'arm':>14} {'N':>5} {'PSNR train':>10} {'PSNR held':>9} {'gap dB':>7} {'FD':>7} "
-        f"{'acc %':>6}  (PSNR: mean over t; means over seeds)"
+        f"{'arm':>14} {'N':>5} {'PSNR train':>10} {'PSNR held':>9} {'gap dB':>13} {'FD':>14} "
+        f"{'acc %':>12}  (PSNR: mean over t; mean +- std over seeds)"
     )
     for s in summary:
         print(
             f"{s['arm']:>14} {s['train_size']:>5} {s['psnr_train_mean']:>10.2f} "
-            f"{s['psnr_held_mean']:>9.2f} {s['gap_mean']:>7.2f} {s['fd']:>7.2f} "
-            f"{100 * s['accuracy']:>6.1f}"
+            f"{s['psnr_held_mean']:>9.2f} {s['gap_mean']:>6.2f}+-{s['gap_std_over_seeds']:<5.2f}"
+            f" {s['fd']:>7.2f}+-{s['fd_std_over_seeds']:<5.2f}"
+            f" {100 * s['accuracy']:>5.1f}+-{100 * s['accuracy_std_over_seeds']:<5.1f}"
         )
     return result
 
