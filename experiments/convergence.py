@@ -13,13 +13,14 @@ the spread is over seeds.
     python experiments/convergence.py --quick         # CI smoke run (tiny stages)
     python experiments/convergence.py --seeds 0 1 2 3 4 --stages 250 500 1000 2000 4000
     # any labelled imagefolder (class sub-folders or metadata.jsonl labels) instead of the digits:
-    python experiments/convergence.py --train_data_dir path/to/images --resolution 32 \
-        --output_dir outputs/experiments/convergence_mydata --results_dir outputs/mydata_results
+    python experiments/convergence.py --train_data_dir path/to/images --resolution 32
 
 With ``--train_data_dir`` both arms train on that folder at ``--resolution`` (the same model
 configs: a larger resolution gives a larger core token grid) and are scored with the same
 offline metrics against it, the classifier trained on its images
-(``diffusers_mdit.evaluation``; its held-out accuracy is printed and saved).
+(``diffusers_mdit.evaluation``; its held-out accuracy is printed and saved). Its runs and
+results go to ``outputs/experiments/convergence_<folder name>_<resolution>`` (and ``results/``
+in it) unless ``--output_dir`` / ``--results_dir`` say otherwise.
 
 Writes ``<results_dir>/convergence.json`` (every stage of every run), ``convergence.csv`` and
 ``convergence.png`` (quality vs steps and vs training FLOPs, log-log); training runs live in
@@ -69,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resolution % 4:
         parser.error(f"--resolution {args.resolution} must be a multiple of 4 (the core patch)")
+    if args.train_data_dir:  # never reuse the digits runs or overwrite the digits results
+        name = os.path.basename(os.path.normpath(args.train_data_dir))
+        for key in ("output_dir", "results_dir"):
+            if getattr(args, key) == parser.get_default(key):
+                folder = f"outputs/experiments/convergence_{name}_{args.resolution}"
+                setattr(args, key, folder if key == "output_dir" else f"{folder}/results")
     if args.quick:
         args.seeds, args.stages = [0], [2, 4]
         args.samples_per_class, args.num_inference_steps = 2, 2

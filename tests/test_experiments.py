@@ -271,6 +271,10 @@ def test_convergence_trains_and_scores_on_a_labelled_imagefolder(tmp_path):
     assert sorted(set(saved["labels"].tolist())) == [0, 1, 2]
     with pytest.raises(SystemExit):
         convergence.parse_args(["--resolution", "18"])
+    args = convergence.parse_args(["--train_data_dir", "data/flowers/", "--resolution", "32"])
+    assert args.output_dir == "outputs/experiments/convergence_flowers_32"
+    assert args.results_dir == "outputs/experiments/convergence_flowers_32/results"
+    assert convergence.parse_args([]).results_dir == "experiments/results"
 
 
 def torch_load(path):
