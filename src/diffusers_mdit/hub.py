@@ -400,8 +400,8 @@ _ARCHITECTURES = {
 
 _CONFIG_SUMMARY = {
     "MDiTTransformer2DModel": "sample_size in_channels out_channels outer_dim core_dim "
-    "attention_head_dim outer_kernel_size core_attention_type num_classes cross_attention_dim "
-    "use_aux_conditions",
+    "attention_head_dim outer_kernel_size core_attention_type core_kernel_sizes num_classes "
+    "class_conditioning cross_attention_dim use_aux_conditions",
     "DiffiTTransformer2DModel": "sample_size in_channels out_channels patch_size hidden_size "
     "num_layers num_attention_heads window_size num_classes",
     "DiffiTUNet2DModel": "sample_size in_channels out_channels block_out_channels "
@@ -479,7 +479,11 @@ def create_model_card(
         model_class=model_class,
         architecture=architecture,
         layout=mdit_layout(config) if model_class == "MDiTTransformer2DModel" else None,
-        config_summary={key: config.get(key) for key in _CONFIG_SUMMARY[model_class].split()},
+        config_summary={  # settings left at None (e.g. no per-block kernels) are not listed
+            key: config[key]
+            for key in _CONFIG_SUMMARY[model_class].split()
+            if config.get(key) is not None
+        },
         parameters=_format_count(sum(p.numel() for p in model.parameters())),
         components=components,
         conditioning=conditioning,

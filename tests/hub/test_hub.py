@@ -265,6 +265,14 @@ def test_push_never_overwrites_an_existing_readme_silently(pushed):
     assert "library_name: diffusers" in pushed["after_overwrite"]
 
 
+def test_mdit_card_lists_the_settings_that_change_the_architecture():
+    default = create_model_card(tiny_mdit(num_classes=4)).text
+    assert "| `class_conditioning` | cross_attention |" in default
+    assert "core_kernel_sizes" not in default and "cross_attention_dim" not in default
+    model = tiny_mdit(num_classes=4, core_kernel_sizes=[3, None, None])
+    assert "| `core_kernel_sizes` | [3, None, None] |" in create_model_card(model).text
+
+
 def test_diffit_card_defaults_to_unknown_and_cites_diffit(saved):
     pipe = DiffiTPipeline.from_pretrained(saved["pipelines"]["diffit"]["folder"])
     card = create_model_card(pipe)
