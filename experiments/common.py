@@ -176,19 +176,26 @@ def _digits_reference(resolution: int):
     return ImageSet.digits(resolution)
 
 
-def digits_quality(images: torch.Tensor, labels) -> dict:
-    """The offline digits metrics of samples in [-1, 1] against the real digits at their
-    size: ``fd`` (Frechet distance in the reference classifier's features) and ``accuracy``
-    (samples classified as the digit asked for)."""
+def offline_quality(images: torch.Tensor, labels, reference, classifier) -> dict:
+    """``fd`` (Frechet distance in ``classifier``'s features against ``reference``) and
+    ``accuracy`` (samples classified as the class asked for) of samples in [-1, 1]."""
     from diffusers_mdit.evaluation import ImageSet, evaluate
 
     scores = evaluate(
         ImageSet.from_tensor(images, labels),
         ["fd_classifier", "accuracy"],
-        reference=_digits_reference(images.shape[-1]),
-        classifier=_digits_classifier(),
+        reference=reference,
+        classifier=classifier,
     )
     return {"fd": scores["fd_classifier"], "accuracy": scores["accuracy"]}
+
+
+def digits_quality(images: torch.Tensor, labels) -> dict:
+    """The offline digits metrics (:func:`offline_quality`) against the real digits at the
+    samples' size."""
+    return offline_quality(
+        images, labels, _digits_reference(images.shape[-1]), _digits_classifier()
+    )
 
 
 class FolderQuality:
@@ -210,15 +217,7 @@ class FolderQuality:
         self.classifier = train_classifier(self.reference, seed=0)
 
     def __call__(self, images: torch.Tensor, labels) -> dict:
-        from diffusers_mdit.evaluation import ImageSet, evaluate
-
-        scores = evaluate(
-            ImageSet.from_tensor(images, labels),
-            ["fd_classifier", "accuracy"],
-            reference=self.reference,
-            classifier=self.classifier,
-        )
-        return {"fd": scores["fd_classifier"], "accuracy": scores["accuracy"]}
+        return offline_quality(images, labels, self.reference, self.classifier)
 
 
 def write_rows(rows: list[dict], path: str) -> None:
@@ -281,6 +280,12 @@ def parameter_count(config: dict, recipe: Recipe) -> int:
     return config_cost(dict(config, **extra), recipe.resolution, recipe.resolution).parameters
 
 
+def spread(values) -> float:
+    """Sample standard deviation, 0 for a single value (one seed)."""
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise_arms(rows: list[dict], arms: list[str]) -> list[dict]:
     """Mean and (sample) standard deviation over seeds of FD and accuracy per arm."""
     summary = []
@@ -290,7 +295,7 @@ def summarise_arms(rows: list[dict], arms: list[str]) -> list[dict]:
         for key in ("fd", "accuracy"):
             values = [r[key] for r in mine]
             entry[f"{key}_mean"] = statistics.mean(values)
-            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[f"{key}_std"] = spread(values)
         summary.append(entry)
     return summary
 
@@ -345,7 +350,7 @@ def compare_arms(arms: dict[str, dict], args: argparse.Namespace, name: str) -> 
     ``.png`` and print the table. Finished runs are reused (see :func:`train_in_stages`)."""
     recipe = Recipe()
     rows = []
-    if getattr(args, "update", False):
+    if args.update:
         rows = kept_rows(os.path.join(args.results_dir, f"{name}.json"), args, recipe)
     for arm in args.arms:
         config = arms[arm]

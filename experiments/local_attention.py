@@ -20,16 +20,16 @@ clipped to the data range [-1, 1], so peak-to-peak 2) is averaged per image set.
 model reproduces its training images but not new ones. Sample quality of each run: the offline
 digits metrics (classifier FD, conditional accuracy).
 
-    python experiments/local_attention.py            # 4 arms x 4 sizes x 2 seeds (CPU, ~2.5 h)
+    python experiments/local_attention.py            # 4 arms x 4 sizes x 2 seeds (CPU, ~2.7 h)
     python experiments/local_attention.py --quick    # CI smoke run
 
 Defaults and their cost: in the recorded runs (2-core CPU, one torch thread, another experiment
-on the other core) training took 244-282 s a run (median 260 s; on 64 tokens the neighborhood
-attention is one masked dense attention, so local arms cost the same) and scoring ~20 s: ~4.7
-min per run (one run took 673 s while the test suite shared the machine), ~75 min for each
-seed's 16 runs. Finished runs are reused, so two processes with
-disjoint ``--sizes`` or ``--seeds`` (one thread each) halve the wall time, and a final run over
-everything only collects them. With OMP_NUM_THREADS=2 beside another busy
+on the other core) training took 244-365 s a run (median 274 s; on 64 tokens the neighborhood
+attention is one masked dense attention, so local arms cost the same) and scoring ~21 s: ~5 min
+per run (one run took 673 s while the test suite shared the machine), ~80 min for each seed's
+16 runs. Finished runs are reused, so two processes with disjoint ``--sizes`` or ``--seeds``
+(one thread each) halve the wall time, and a final run over everything only collects them.
+With OMP_NUM_THREADS=2 beside another busy
 process a step took 50x longer (8.1 s at batch 32): on a shared machine use one thread. The
 batch is 16 rather than the other experiments' 64 because, at equal time, smaller batches
 learned the 8x8-grid model faster (global arm, full split: batch 64 x 800 steps 232 s, FD 146,
@@ -66,6 +66,7 @@ from common import (  # noqa: E402
     parameter_count,
     recipe_dict,
     sample_classes,
+    spread,
     train_in_stages,
     training_flops_per_step,
     write_rows,
@@ -321,17 +322,13 @@ def summarise(rows: list[dict]) -> list[dict]:
         entry = {"arm": arm, "train_size": size, "seeds": len(seeds)}
         for key in ("psnr_train", "psnr_held", "gap"):
             entry[f"{key}_mean"] = statistics.mean(r[key] for r in mine)
-        entry["gap_std_over_seeds"] = (
-            statistics.stdev(r["mean_gap"] for r in runs) if len(runs) > 1 else 0.0
-        )
+        entry["gap_std_over_seeds"] = spread(r["mean_gap"] for r in runs)
         entry["gap_by_t"] = {
             t: statistics.mean(r["gap"] for r in mine if r["t"] == t) for t in levels
         }
         for key in ("fd", "accuracy"):
             entry[key] = statistics.mean(r[key] for r in runs)
-            entry[f"{key}_std_over_seeds"] = (
-                statistics.stdev(r[key] for r in runs) if len(runs) > 1 else 0.0
-            )
+            entry[f"{key}_std_over_seeds"] = spread(r[key] for r in runs)
         summary.append(entry)
     return summary
 

@@ -243,6 +243,7 @@ def test_update_keeps_the_other_arms_rows_only_when_made_with_the_same_settings(
 
 
 def test_convergence_trains_and_scores_on_a_labelled_imagefolder(tmp_path):
+    import torch
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -266,7 +267,7 @@ def test_convergence_trains_and_scores_on_a_labelled_imagefolder(tmp_path):
     assert 0 <= result["classifier_heldout_accuracy"] <= 1
     assert {row["arm"] for row in result["rows"]} == set(convergence.ARMS)
     assert all(np.isfinite(row["fd"]) and 0 <= row["accuracy"] <= 1 for row in result["rows"])
-    saved = torch_load(tmp_path / "runs" / "mdit" / "seed0" / "samples-000004.pt")
+    saved = torch.load(tmp_path / "runs" / "mdit" / "seed0" / "samples-000004.pt")
     assert saved["images"].shape == (3 * 2, 3, 8, 8)  # 3 classes x 2 samples, at --resolution
     assert sorted(set(saved["labels"].tolist())) == [0, 1, 2]
     with pytest.raises(SystemExit):
@@ -275,9 +276,3 @@ def test_convergence_trains_and_scores_on_a_labelled_imagefolder(tmp_path):
     assert args.output_dir == "outputs/experiments/convergence_flowers_32"
     assert args.results_dir == "outputs/experiments/convergence_flowers_32/results"
     assert convergence.parse_args([]).results_dir == "experiments/results"
-
-
-def torch_load(path):
-    import torch
-
-    return torch.load(path)
