@@ -7,18 +7,7 @@ space). Patch regularisation is MDiT-only; the final folder holds a ``DiffiTPipe
 
 from __future__ import annotations
 
-import argparse
-
-from diffusers_mdit.training.trainer import add_arguments, train
-
-
-def main() -> None:
-    parser = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.set_defaults(preset="DiffiT-S", output_dir="outputs/diffit")
-    result = train(parser.parse_args())
-    print(f"Finished at step {result.steps}, loss {result.final_loss:.6f}; pipeline in "
-          f"{result.pipeline_dir}")  # fmt: skip
-
+from diffusers_mdit.training.trainer import main
 
 if __name__ == "__main__":
-    main()
+    main(__doc__.split("\n")[0], preset="DiffiT-S", output_dir="outputs/diffit")

@@ -209,6 +209,49 @@ def check_weights(folder: Path, remote_files: Iterable[str] = ()) -> None:
             ) from error
 
 
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files ``ModelMixin.from_pretrained`` reads for ``variant``: the shards
+    of an index when there is one, else the single weights file."""
+    stem, suffix = SAFETENSORS_WEIGHTS_NAME.rsplit(".", 1)
+    single = f"{stem}.{variant}.{suffix}" if variant else SAFETENSORS_WEIGHTS_NAME
+    for index in (
+        folder / f"{single}.index.json",
+        folder / f"{stem}.{suffix}.index.{variant}.json",
+    ):
+        if index.is_file():
+            return sorted({folder / shard for shard in read_json(index)["weight_map"].values()})
+    return [folder / single] if (folder / single).is_file() else []
+
+
+def check_tensors(model: torch.nn.Module, folder: Path, variant: str | None = None) -> None:
+    """Every tensor ``model`` expects is in the folder's weights with the right shape, and no
+    other: diffusers only warns about missing tensors and leaves them on the meta device (or
+    randomly initialised), so the model would fail, or sample noise, much later."""
+    files = _weight_files(folder, variant)
+    if not files:
+        return
+    stored: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            stored.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    missing = sorted(expected.keys() - stored.keys())
+    unknown = sorted(stored.keys() - expected.keys())
+    shapes = [f"{key} {stored[key]} (expected {expected[key]})" for key in sorted(expected)
+              if key in stored and stored[key] != expected[key]]  # fmt: skip
+    problems = [
+        f"{label} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+        for label, names in (("missing", missing), ("unknown", unknown), ("mis-shaped", shapes))
+        if names
+    ]
+    if problems:
+        raise ValueError(
+            f"The weights in {folder} do not match {type(model).__name__}'s config: "
+            f"{'; '.join(problems)}. The file is incomplete or belongs to another config: save "
+            "the model again, or download it again with force_download=True."
+        )
+
+
 def _pickle_names(names: Iterable[str]) -> set[str]:
     return {name for name in names if name.endswith(PICKLE_SUFFIXES)}
 
@@ -618,6 +661,7 @@ class HubModelMixin(_HubPushMixin):
         check_weights(folder, _in_folder(remote_files, subfolder))
         loaded = super().from_pretrained(str(root), **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        check_tensors(model, folder, kwargs.get("variant"))
         if kwargs.get("device_map") is None:
             _own_weights(model)
         if root != Path(source):

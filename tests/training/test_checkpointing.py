@@ -27,6 +27,10 @@ def setup():
     return accelerator, model, optimizer
 
 
+def objects(model, optimizer):
+    return {"model": model, "optimizer": optimizer}
+
+
 def train_step(model, optimizer):
     loss = model(torch.ones(4, 3)).square().mean()
     loss.backward()
@@ -38,34 +42,45 @@ def test_save_load_round_trip_and_retention(setup, tmp_path):
     accelerator, model, optimizer = setup
     for step in (1, 2, 3):
         train_step(model, optimizer)
-        save_checkpoint(accelerator, str(tmp_path), step, {"epoch": 0}, total_limit=2)
+        save_checkpoint(
+            accelerator, str(tmp_path), step, objects(model, optimizer), {"epoch": 0}, 2
+        )
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]
     weights = model.weight.detach().clone()
     train_step(model, optimizer)
     assert not torch.equal(model.weight, weights)
-    state = load_checkpoint(accelerator, resolve_checkpoint(str(tmp_path), "latest"))
-    assert state == {"step": 3, "epoch": 0}
+    latest = resolve_checkpoint(str(tmp_path), "latest")
+    state = load_checkpoint(accelerator, latest, objects(model, optimizer))
+    assert state["step"] == 3 and state["epoch"] == 0
     assert torch.equal(model.weight, weights)
+    assert sorted(os.listdir(latest)) == [
+        "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.json",
+        "rng-0.safetensors", "training_state.json",
+    ]  # fmt: skip
 
 
 def test_a_crash_while_saving_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    accelerator, model, optimizer = setup
-    save_checkpoint(accelerator, str(tmp_path), 1)
+    from diffusers_mdit.training import checkpointing
 
-    def crash(path, *args, **kwargs):
-        with open(os.path.join(path, "model.safetensors"), "w") as f:
+    accelerator, model, optimizer = setup
+    save_checkpoint(accelerator, str(tmp_path), 1, objects(model, optimizer))
+
+    def crash(tensors, path, *args, **kwargs):
+        with open(path, "w") as f:
             f.write("half a file")
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(accelerator, "save_state", crash)
+    monkeypatch.setattr(checkpointing, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(accelerator, str(tmp_path), 2)
+        save_checkpoint(accelerator, str(tmp_path), 2, objects(model, optimizer))
     assert resolve_checkpoint(str(tmp_path), "latest").endswith("checkpoint-1")
-    assert os.path.isdir(tmp_path / "checkpoint-2.tmp")
+    assert not os.path.exists(tmp_path / "checkpoint-2.tmp")  # an interrupted save cleans up
     monkeypatch.undo()
-    save_checkpoint(accelerator, str(tmp_path), 3)
-    assert not os.path.exists(tmp_path / "checkpoint-2.tmp")
-    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [1, 3]
+    # What a SIGKILL leaves (no chance to clean up) is removed by the next save.
+    os.makedirs(tmp_path / "checkpoint-2.tmp")
+    os.makedirs(tmp_path / "checkpoint-0.deleting")
+    save_checkpoint(accelerator, str(tmp_path), 3, objects(model, optimizer))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-3"]
 
 
 def test_resolve_checkpoint(tmp_path):

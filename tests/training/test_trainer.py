@@ -220,7 +220,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=240)
     assert process.returncode == 0
-    step = int(stdout.split("Finished at step ")[1].split(",")[0])
+    step = int(stdout.split("Stopped at step ")[1].split(" ")[0])
     assert 0 < step < 10_000
     assert (out / f"checkpoint-{step}" / "training_state.json").exists()
     assert not (out / "model_index.json").exists()  # unfinished runs save no pipeline

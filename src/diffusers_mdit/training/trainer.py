@@ -16,10 +16,13 @@ CPU a run killed at any step and resumed ends with the same weights as an uninte
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
+import shutil
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +43,12 @@ from ..models.presets import PRESET_OWNERS
 from ..pipelines import DiffiTPipeline, MDiTPipeline, MDiTTextToImagePipeline
 from .checkpointing import (
     batch_indices,
+    check_disk_space,
+    check_resume_settings,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    set_learning_rate,
     step_generator,
 )
 from .data import (
@@ -194,12 +200,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 @dataclass
 class TrainResult:
-    """What a finished run leaves behind."""
+    """What a run leaves behind. ``finished``: it reached ``--max_train_steps`` and saved the
+    pipeline in ``pipeline_dir``; otherwise (SIGTERM/SIGINT) it stopped after saving
+    ``checkpoint_dir`` and no pipeline was written."""
 
     pipeline_dir: str
     final_loss: float
     steps: int
     trainable_parameters: int = 0
+    finished: bool = True
+    checkpoint_dir: str | None = None
+
+
+def run_settings(args, accelerator) -> dict:
+    """The settings a checkpoint records (every flag, and the global batch), as JSON values;
+    :func:`.checkpointing.check_resume_settings` compares them on resume."""
+    settings = {k: v for k, v in vars(args).items()}
+    settings["(global batch size)"] = args.train_batch_size * accelerator.num_processes
+    return json.loads(json.dumps(settings))
 
 
 def build_dataset(args, min_length: int = 1):
@@ -473,23 +491,32 @@ def train(args) -> TrainResult:
             model_config=model.config,
         )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    checkpointed = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
     if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+        ema.to(accelerator.device)
+        checkpointed["ema"] = ema
     unwrapped = accelerator.unwrap_model(model)
+    settings = run_settings(args, accelerator)
 
     start = 0
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        start = load_checkpoint(accelerator, resume)["step"]
+        state = load_checkpoint(accelerator, resume, checkpointed)
+        start = state["step"]
+        changes = check_resume_settings(state.get("settings"), settings, resume)
+        if "learning_rate" in changes:
+            set_learning_rate(optimizer, lr_scheduler, args.learning_rate)
+        for key, (old, new) in changes.items():
+            accelerator.print(f"Resuming with --{key} {new!r} (the checkpoint's run had {old!r}).")
         accelerator.print(f"Resumed from {resume} at step {start}.")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("mdit", config={k: str(v) for k, v in vars(args).items()})
 
-    stop = {"requested": False}
-
     def request_stop(signum, frame):
-        stop["requested"] = True
+        # accelerate's trigger is all-reduced by check_trigger(): every process stops after the
+        # same step, even when only some of them received the signal.
+        accelerator.set_trigger()
 
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     global_batch = args.train_batch_size * accelerator.num_processes
@@ -508,9 +535,9 @@ def train(args) -> TrainResult:
     capture = None
     if args.patch_regularization_weight:
         capture = ActivationCapture(unwrapped.core_unpatch)
-    step, loss_value = start, float("nan")
+    step, loss_value, checkpoint = start, float("nan"), resume
     try:
-        while step < args.max_train_steps and not stop["requested"]:
+        while step < args.max_train_steps and not accelerator.check_trigger():
             for micro in range(micro_batches):
                 index = step * micro_batches + micro
                 # Draws are made for the global batch and sliced: one process with the
@@ -585,18 +612,20 @@ def train(args) -> TrainResult:
             progress.set_postfix(loss=f"{loss_value:.4f}")
             accelerator.log({k: v.item() for k, v in losses.items()}, step=step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(
-                    accelerator, args.output_dir, step, total_limit=args.checkpoints_total_limit
-                )
+                checkpoint = save_checkpoint(
+                    accelerator, args.output_dir, step, checkpointed, {"settings": settings},
+                    total_limit=args.checkpoints_total_limit,
+                )  # fmt: skip
             if args.validation_steps and step % args.validation_steps == 0:
                 validate(
                     args, accelerator, unwrapped, ema, objective, num_classes, step,
                     components, prompts,
                 )  # fmt: skip
         if step < args.max_train_steps or step % max(args.checkpointing_steps, 1):
-            save_checkpoint(
-                accelerator, args.output_dir, step, total_limit=args.checkpoints_total_limit
-            )
+            checkpoint = save_checkpoint(
+                accelerator, args.output_dir, step, checkpointed, {"settings": settings},
+                total_limit=args.checkpoints_total_limit,
+            )  # fmt: skip
     finally:
         if capture is not None:
             capture.remove()
@@ -607,18 +636,7 @@ def train(args) -> TrainResult:
     pipeline_dir = args.output_dir
     if step >= args.max_train_steps and accelerator.is_main_process:
         pipe = final_pipeline(unwrapped, ema, objective, **components)
-        if args.finetune == "lora":
-            # diffusers' LoRA convention: the adapter only, loaded onto the base pipeline with
-            # pipe.load_lora_weights(output_dir); rank, alpha and targets in its metadata.
-            from ..lora import get_lora_metadata, get_lora_state_dict
-
-            type(pipe).save_lora_weights(
-                pipeline_dir,
-                transformer_lora_layers=get_lora_state_dict(pipe.transformer),
-                transformer_lora_adapter_metadata=get_lora_metadata(pipe.transformer),
-            )
-        else:
-            pipe.save_pretrained(pipeline_dir)
+        save_final(pipe, pipeline_dir, lora=args.finetune == "lora")
         if args.push_to_hub:
             pipe.push_to_hub(
                 args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
@@ -633,7 +651,95 @@ def train(args) -> TrainResult:
         final_loss=loss_value,
         steps=step,
         trainable_parameters=sum(p.numel() for p in trainable),
+        finished=step >= args.max_train_steps,
+        checkpoint_dir=checkpoint,
     )
+
+
+def save_final(pipe, output_dir: str, lora: bool = False) -> None:
+    """Save the trained pipeline (or, for LoRA, the adapter only) into ``output_dir`` so that
+    a failure never leaves a partial one: the free space is checked first, the files are
+    written into ``output_dir/pipeline.tmp`` and moved into place, ``model_index.json`` last
+    (a folder is a pipeline only once it has one)."""
+    tensors = [t for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+               for t in c.state_dict().values()]  # fmt: skip
+    os.makedirs(output_dir, exist_ok=True)
+    check_disk_space(output_dir, sum(t.numel() * t.element_size() for t in tensors), "the pipeline")
+    partial = os.path.join(output_dir, "pipeline.tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        if lora:
+            # diffusers' LoRA convention: the adapter only, loaded onto the base pipeline with
+            # pipe.load_lora_weights(output_dir); rank, alpha and targets in its metadata.
+            from ..lora import get_lora_metadata, get_lora_state_dict
+
+            type(pipe).save_lora_weights(
+                partial,
+                transformer_lora_layers=get_lora_state_dict(pipe.transformer),
+                transformer_lora_adapter_metadata=get_lora_metadata(pipe.transformer),
+            )
+        else:
+            pipe.save_pretrained(partial)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(
+            f"Could not save the pipeline in {output_dir} ({error.strerror or error}); the "
+            "partial files were removed and the checkpoints are kept. Fix the cause and run "
+            "again with --resume_from_checkpoint latest to save it."
+        ) from error
+    names = sorted(os.listdir(partial), key=lambda name: name == "model_index.json")
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(partial, name), target)
+    os.rmdir(partial)
+
+
+def follow_launcher_signals() -> None:
+    """Receive SIGTERM when the ``accelerate launch`` process that started us dies.
+
+    accelerate's single-process launcher runs the script as a child and does not pass SIGTERM
+    on: a scheduler's SIGTERM kills the launcher (exit 143) and leaves the trainer running,
+    unaware, until it is SIGKILLed. On Linux we ask the kernel (``prctl(PR_SET_PDEATHSIG)``) to
+    send this process SIGTERM when its launcher dies, so it saves a checkpoint and exits 0.
+    Only under accelerate's launcher: a run started from a shell keeps running when the shell
+    exits (``nohup``). torchrun (``accelerate launch --multi_gpu``) forwards SIGTERM itself.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            if b"accelerate" not in f.read():
+                return
+    except OSError:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(description: str, **defaults) -> None:
+    """The command line of ``training/train_mdit.py`` and ``train_diffit.py``: parse the
+    flags (``defaults`` override add_arguments' defaults), train, say what was written. User
+    errors (bad flags, data, checkpoints) print ``error: ...`` and exit 2, not a traceback."""
+    parser = add_arguments(argparse.ArgumentParser(description=description))
+    parser.set_defaults(**defaults)
+    args = parser.parse_args()
+    follow_launcher_signals()
+    try:
+        result = train(args)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"error: {error}\n")
+    if result.finished:
+        print(f"Finished at step {result.steps}, loss {result.final_loss:.6f}; pipeline in "
+              f"{result.pipeline_dir}")  # fmt: skip
+    else:
+        print(f"Stopped at step {result.steps} (signal), loss {result.final_loss:.6f}; "
+              f"checkpoint in {result.checkpoint_dir}; no pipeline was saved. Continue with "
+              "--resume_from_checkpoint latest.")  # fmt: skip
 
 
 def load_items(dataset, ids: list[int], share: slice, generator, random_flip: bool) -> list[dict]:
