@@ -17,8 +17,23 @@ from diffusers_mdit.pipelines.guidance import (
 )
 
 
-def test_power_cosine_schedule_ramps_from_one_to_the_full_scale():
-    scales = [guidance_scale_at(4.0, i, 11, "power-cosine", 4.0) for i in range(11)]
+def test_power_cosine_schedule_from_the_timestep_is_the_official_diffit_ramp():
+    # DiffiT's forward_with_cfg: 1 + (s - 1) (1 - cos(pi (1 - t / 1000)^4)) / 2.
+    for t in (999, 750, 500, 250, 0):
+        expected = 1 + 3.4 * (1 - math.cos(math.pi * (1 - t / 1000) ** 4)) / 2
+        assert guidance_scale_at(4.4, 0, 250, "power-cosine", 4.0, timestep=t) == pytest.approx(
+            expected, abs=1e-12
+        )
+    # It depends on the timestep, not on the step index.
+    assert guidance_scale_at(4.4, 3, 5, "power-cosine", timestep=torch.tensor(500)) == (
+        guidance_scale_at(4.4, 100, 250, "power-cosine", timestep=500)
+    )
+    with pytest.raises(ValueError, match="timestep"):
+        guidance_scale_at(4.4, 0, 250, "power-cosine")
+
+
+def test_power_cosine_step_schedule_ramps_from_one_to_the_full_scale():
+    scales = [guidance_scale_at(4.0, i, 11, "power-cosine-step", 4.0) for i in range(11)]
     assert scales[0] == 1.0 and scales[-1] == pytest.approx(4.0)
     assert all(a <= b for a, b in zip(scales, scales[1:], strict=False))
     # Halfway: 1 + 3 * (1 - cos(pi / 16)) / 2.

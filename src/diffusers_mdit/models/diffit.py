@@ -39,6 +39,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..hub import HubModelMixin
+from .conversion_diffit import FromOriginalDiffiTMixin
 from .layers import split_tokens
 from .presets import PresetMixin, register_presets
 from .validation import (
@@ -303,6 +304,7 @@ class DiffiTTransformer2DModel(
     ConfigMixin,
     PeftAdapterMixin,
     PresetMixin,
+    FromOriginalDiffiTMixin,
     _DiffiTModelMixin,
 ):
     r"""Latent DiffiT (section 3.2.1, appendix H.2): an isotropic ViT of DiffiT blocks on VAE

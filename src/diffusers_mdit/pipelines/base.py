@@ -223,7 +223,13 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
             if unconditional is not None:
                 uncond, cond = output.chunk(2)
                 scale = guidance_scale_at(
-                    guidance_scale, i, len(timesteps), guidance_schedule, guidance_power
+                    guidance_scale,
+                    i,
+                    len(timesteps),
+                    guidance_schedule,
+                    guidance_power,
+                    timestep=t,
+                    num_train_timesteps=getattr(scheduler.config, "num_train_timesteps", 1000),
                 )
                 output = apply_guidance(
                     cond, uncond, scale, min(guidance_channels or channels, channels)

@@ -9,24 +9,41 @@ import math
 
 import torch
 
+GUIDANCE_SCHEDULES = ("constant", "power-cosine", "power-cosine-step")
+
 
 def guidance_scale_at(
-    scale: float, step: int, num_steps: int, schedule: str = "constant", power: float = 4.0
+    scale: float,
+    step: int,
+    num_steps: int,
+    schedule: str = "constant",
+    power: float = 4.0,
+    timestep: float | torch.Tensor | None = None,
+    num_train_timesteps: int = 1000,
 ) -> float:
-    """The guidance scale at sampling step ``step`` (0 = the noisiest) of ``num_steps``.
+    """The guidance scale at sampling step ``step`` (0 = the noisiest) of ``num_steps``, whose
+    timestep is ``timestep`` (of ``num_train_timesteps``).
 
-    ``"constant"``: ``scale`` throughout. ``"power-cosine"`` (DiffiT at 256px, from MDT):
-    ``1 + (scale - 1) * (1 - cos(pi * progress ** power)) / 2`` with ``progress = step /
-    (num_steps - 1)``, i.e. almost no guidance early and the full ``scale`` at the end. The
-    power, 4, is MDT's; the DiffiT paper does not state it.
+    ``"constant"``: ``scale`` throughout. ``"power-cosine"`` (DiffiT at 256px: the authors'
+    ``forward_with_cfg``, as MDT's): ``1 + (scale - 1) * (1 - cos(pi * progress ** power)) / 2``
+    with ``progress = 1 - timestep / num_train_timesteps``, almost no guidance early and nearly
+    the full ``scale`` at the end (``progress`` = 1 at timestep 0). ``"power-cosine-step"``:
+    the same ramp over the step index, ``progress = step / (num_steps - 1)`` (this package's
+    earlier form; it differs from the authors' when the steps are not evenly spread over the
+    timesteps). The power, 4, is MDT's and DiffiT's code; the DiffiT paper does not state it.
     """
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(
+            f"Unknown guidance schedule {schedule!r}; use one of {', '.join(GUIDANCE_SCHEDULES)}."
+        )
     if schedule == "constant" or scale == 1.0:
         return scale
-    if schedule != "power-cosine":
-        raise ValueError(
-            f"Unknown guidance schedule {schedule!r}; use 'constant' or 'power-cosine'."
-        )
-    progress = step / max(num_steps - 1, 1)
+    if schedule == "power-cosine-step":
+        progress = step / max(num_steps - 1, 1)
+    elif timestep is None:
+        raise ValueError("The 'power-cosine' guidance schedule needs the step's timestep.")
+    else:
+        progress = 1.0 - float(timestep) / num_train_timesteps
     return 1.0 + (scale - 1.0) * (1.0 - math.cos(math.pi * progress**power)) / 2.0
 
 

@@ -19,8 +19,11 @@ class DiffiTPipeline(TransformerDiffusionPipeline):
     latents (pass ``vae``) or :class:`~diffusers_mdit.DiffiTUNet2DModel` in pixel space.
 
     The paper's latent model samples with classifier-free guidance on the first three latent
-    channels (``guidance_channels=3``) and, at 256px, a power-cosine guidance schedule
-    (``guidance_schedule="power-cosine"``); at 512px a constant scale.
+    channels (``guidance_channels=3``) and, at 256px, a power-cosine guidance schedule computed
+    from the timestep as the authors' code does (``guidance_schedule="power-cosine"``); at 512px
+    a constant scale. The official NVIDIA weights and their exact sampling settings:
+    :mod:`diffusers_mdit.models.conversion_diffit` (``OFFICIAL_SAMPLING``,
+    ``official_diffit_scheduler``) and ``scripts/convert_diffit_to_diffusers.py``.
 
     Args:
         transformer: The DiffiT model.
