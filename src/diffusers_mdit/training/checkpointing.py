@@ -54,6 +54,7 @@ RESUMABLE_SETTINGS = frozenset(
     {
         "learning_rate",
         "max_train_steps",
+        "train_batch_size",  # with the same global batch (its own, checked setting)
         "checkpointing_steps",
         "checkpoints_total_limit",
         "resume_from_checkpoint",
@@ -418,7 +419,7 @@ def check_resume_settings(saved: dict[str, Any] | None, current: dict[str, Any],
 
 
 def _flag(key: str) -> str:
-    return key if key.startswith("(") else f"--{key}"
+    return key if " " in key else f"--{key}"
 
 
 def set_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:

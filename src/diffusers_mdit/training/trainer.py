@@ -212,11 +212,14 @@ class TrainResult:
     checkpoint_dir: str | None = None
 
 
+GLOBAL_BATCH = "global batch (--train_batch_size x processes)"
+
+
 def run_settings(args, accelerator) -> dict:
     """The settings a checkpoint records (every flag, and the global batch), as JSON values;
     :func:`.checkpointing.check_resume_settings` compares them on resume."""
     settings = {k: v for k, v in vars(args).items()}
-    settings["(global batch size)"] = args.train_batch_size * accelerator.num_processes
+    settings[GLOBAL_BATCH] = args.train_batch_size * accelerator.num_processes
     return json.loads(json.dumps(settings))
 
 
