@@ -81,7 +81,15 @@ OFFICIAL_SAMPLING: dict[int, dict[str, Any]] = {
     ),
 }
 OFFICIAL_FID = {256: "FID-50K 1.73, IS 276.49", 512: "FID-50K 2.67, IS 252.12"}
-OFFICIAL_VAE = "stabilityai/sd-vae-ft-ema"  # scaling factor 0.18215, in its config
+OFFICIAL_VAE = "stabilityai/sd-vae-ft-ema"
+OFFICIAL_VAE_SCALING_FACTOR = 0.18215  # their sample.py decodes ``sample / 0.18215``
+
+
+def official_image_size(sample_size: int) -> int:
+    """Which official setting (256 or 512) a latent size samples with: their
+    ``forward_with_cfg`` switches from the power-cosine ramp to a constant scale above
+    32x32 latents."""
+    return 256 if sample_size <= 32 else 512
 
 
 def official_diffit_scheduler() -> DDPMScheduler:
