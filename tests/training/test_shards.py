@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from diffusers_mdit import MDiTPipeline, MDiTTextToImagePipeline
 from diffusers_mdit.testing import TINY_MDIT, ddim_x0, tiny_mdit, tiny_text_encoder, tiny_vae
-from diffusers_mdit.training.checkpointing import step_generator
+from diffusers_mdit.training.checkpointing import batch_indices
 from diffusers_mdit.training.data import ImageDataset
 from diffusers_mdit.training.shards import LatentShardDataset, LatentShardWriter, encode_latents
-from diffusers_mdit.training.trainer import add_arguments, load_items, train
+from diffusers_mdit.training.trainer import add_arguments, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location(
@@ -110,16 +110,21 @@ def test_a_glob_selects_shards_and_reads_them_at_random(latents):
         assert second.label(i) == everything.label(4 + i)
 
 
-def test_flips_are_drawn_for_the_global_batch_from_the_step_generator(latents):
-    data, ids = LatentShardDataset(str(latents)), [5, 0, 3, 1, 4, 2]
-    whole = load_items(data, ids, slice(None), step_generator(0, 3), random_flip=True)
-    halves = [load_items(data, ids, s, step_generator(0, 3), random_flip=True)
+def test_flips_are_drawn_for_the_global_batch_from_the_step(latents):
+    from diffusers_mdit.training.loader import draw_flips, training_loader
+
+    data = LatentShardDataset(str(latents))
+    ids = batch_indices(len(data), 6, 3, seed=0)
+    whole = next(iter(training_loader(data, 6, 0, 3, 4, slice(None), random_flip=True)))
+    halves = [next(iter(training_loader(data, 6, 0, 3, 4, s, random_flip=True)))
               for s in (slice(0, 3), slice(3, 6))]  # fmt: skip
-    expected = (torch.rand(6, generator=step_generator(0, 3)) < 0.5).tolist()
+    expected = draw_flips(0, 3, 6)
     assert 0 < sum(expected) < 6
-    for item, half_item, i, flip in zip(whole, halves[0] + halves[1], ids, expected, strict=True):
-        assert torch.equal(item["latents"], data.item(i, flip=flip)["latents"])
-        assert torch.equal(item["latents"], half_item["latents"])
+    assert whole["index"].tolist() == ids
+    halves_latents = torch.cat([half["latents"] for half in halves])
+    for k, (i, flip) in enumerate(zip(ids, expected, strict=True)):
+        assert torch.equal(whole["latents"][k], data.item(i, flip=flip)["latents"])
+        assert torch.equal(whole["latents"][k], halves_latents[k])
 
 
 def test_latents_are_stored_as_the_pipelines_decode_them():

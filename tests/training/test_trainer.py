@@ -239,3 +239,32 @@ def test_save_grid_puts_image_i_at_row_i_div_cols_with_padding(tmp_path):
         cell = grid[1 + r * 4 : 1 + r * 4 + 3, 1 + k * 5 : 1 + k * 5 + 4]
         assert (cell == round(i / 10 * 255)).all()
     assert (grid[0] == 128).all() and (grid[:, 0] == 128).all()  # padding
+
+
+def test_data_loader_workers_change_nothing_and_resume_exactly_after_sigkill(tmp_path):
+    """0 workers, 2 workers, and 2 workers killed at an arbitrary step and resumed: the same
+    weights, with random flips so that augmentation is covered too."""
+    common = dict(max_train_steps=8, checkpointing_steps=2, random_flip=None)
+    reference = train(parse(flags(tmp_path, tmp_path / "zero", **common)))
+    workers = train(parse(flags(tmp_path, tmp_path / "two", dataloader_num_workers=2, **common)))
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    argv = flags(tmp_path, killed, **{**common, "max_train_steps": 10_000})
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *argv, "--dataloader_num_workers", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-4").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = train(parse(flags(tmp_path, killed, resume_from_checkpoint="latest",
+                                dataloader_num_workers=2, **common)))  # fmt: skip
+    assert resumed.steps == reference.steps == workers.steps == 8
+    expected = weights(reference.pipeline_dir)
+    for other in (workers, resumed):
+        actual = weights(other.pipeline_dir)
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            assert torch.equal(expected[name], actual[name]), name

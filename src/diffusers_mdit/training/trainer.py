@@ -60,6 +60,7 @@ from .data import (
     subset_indices,
 )
 from .finetuning import FINETUNE_MODES, load_pretrained_model, prepare_finetuning
+from .loader import training_loader
 from .losses import ActivationCapture, scheduled_weight, training_losses
 from .objectives import drop_aux_conditions, drop_labels, drop_text_conditions, make_objective
 from .shards import LatentShardDataset
@@ -146,6 +147,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--patch_regularization_stop_step", type=int, default=None)
     add("--label_dropout", type=float, default=0.1)
     add("--train_batch_size", type=int, default=32, help="Per process.")
+    add(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Processes that decode the data (0: the main process). Batches do not depend on it.",
+    )
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--max_train_steps", type=int, default=1000)
     add("--learning_rate", type=float, default=4e-4)
@@ -252,7 +259,7 @@ def build_dataset(args, min_length: int = 1):
         dataset_name=None if args.train_data_dir else args.dataset_name,
         train_data_dir=args.train_data_dir,
         resolution=args.resolution,
-        random_flip=args.random_flip,
+        random_flip=False,  # flips are drawn per step by the loader (exact resumption)
         image_column=args.image_column,
         label_column=args.label_column,
     )
@@ -539,6 +546,17 @@ def train(args) -> TrainResult:
     if args.patch_regularization_weight:
         capture = ActivationCapture(unwrapped.core_unpatch)
     step, loss_value, checkpoint = start, float("nan"), resume
+    share = slice(
+        accelerator.process_index * args.train_batch_size,
+        (accelerator.process_index + 1) * args.train_batch_size,
+    )
+    pin = accelerator.device.type == "cuda"
+    loader = training_loader(
+        dataset, global_batch, args.seed, start * micro_batches,
+        args.max_train_steps * micro_batches, share, args.random_flip,
+        num_workers=args.dataloader_num_workers, pin_memory=pin,
+    )  # fmt: skip
+    batches = iter(loader)
     try:
         while step < args.max_train_steps and not accelerator.check_trigger():
             for micro in range(micro_batches):
@@ -547,13 +565,11 @@ def train(args) -> TrainResult:
                 # same global batch sees exactly what all processes together see.
                 generator = step_generator(args.seed, index)
                 ids = batch_indices(len(dataset), global_batch, index, args.seed)
-                share = slice(
-                    accelerator.process_index * args.train_batch_size,
-                    (accelerator.process_index + 1) * args.train_batch_size,
-                )
-                items = load_items(dataset, ids, share, generator, args.random_flip)
+                batch = next(batches)
+                if batch["index"].tolist() != ids[share]:
+                    raise RuntimeError("The data loader is out of step with the training loop.")
                 key = "latents" if shards else "pixel_values"
-                x0 = torch.stack([item[key] for item in items]).to(accelerator.device)
+                x0 = batch[key].to(accelerator.device, non_blocking=pin)
                 noisy = objective.prepare(x0, generator, share, global_batch)
                 labels = None
                 if num_classes:
@@ -569,8 +585,7 @@ def train(args) -> TrainResult:
                     conditions["aspect_ratio"] = aspect[share].to(accelerator.device)
                 if use_text:
                     states, mask = drop_text_conditions(
-                        torch.stack([item["encoder_hidden_states"] for item in items]),
-                        torch.stack([item["encoder_attention_mask"] for item in items]),
+                        batch["encoder_hidden_states"], batch["encoder_attention_mask"],
                         args.caption_dropout, generator, share, global_batch,
                     )  # fmt: skip
                     conditions["encoder_hidden_states"] = states.to(accelerator.device)
@@ -743,16 +758,6 @@ def main(description: str, **defaults) -> None:
         print(f"Stopped at step {result.steps} (signal), loss {result.final_loss:.6f}; "
               f"checkpoint in {result.checkpoint_dir}; no pipeline was saved. Continue with "
               "--resume_from_checkpoint latest.")  # fmt: skip
-
-
-def load_items(dataset, ids: list[int], share: slice, generator, random_flip: bool) -> list[dict]:
-    """This process's items ``ids[share]`` of a global batch. Latent shards with
-    ``random_flip`` take each sample's stored flipped latent with probability 1/2, drawn from
-    the step ``generator`` for the whole global batch (so resumed runs see the same flips)."""
-    if not (random_flip and isinstance(dataset, LatentShardDataset)):
-        return [dataset[i] for i in ids[share]]
-    flips = (torch.rand(len(ids), generator=generator) < 0.5)[share].tolist()
-    return [dataset.item(i, flip) for i, flip in zip(ids[share], flips, strict=True)]
 
 
 def final_pipeline(model, ema, objective, vae=None, text_encoder=None, tokenizer=None):
