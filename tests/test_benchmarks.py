@@ -18,6 +18,8 @@ EXPECTED = {
     "bench_sampling.py": ["MDiTPipeline (MDiT-S) / DiTPipeline (DiT-S/2)", "target <= 1.3x",
                           "neighborhood attention [torch]"],
     "bench_attention.py": ["glob/ours"],
+    "bench_data.py": ["samples/s consumed", "loader processes in all"],
+    "bench_diffit_official.py": ["s per 250-step sample", "peak RSS"],
 }  # fmt: skip
 
 
