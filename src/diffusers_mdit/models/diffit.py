@@ -321,6 +321,9 @@ class DiffiTTransformer2DModel(
     The model is agnostic to the prediction target: ``out_channels = in_channels`` for epsilon,
     x0 or velocity prediction, ``2 * in_channels`` for epsilon with a learned variance (DiT).
 
+    NVIDIA's released checkpoints load with :meth:`from_single_file`
+    (:mod:`~diffusers_mdit.models.conversion_diffit`).
+
     Parameters:
         sample_size (`int`, defaults to 32): Training latent size; sets the extent of the
             global relative position table (offsets beyond it are clamped at other sizes).

@@ -106,8 +106,9 @@ class MDiTPipeline(TransformerDiffusionPipeline):
             num_inference_steps: Denoising steps.
             guidance_scale: Classifier-free guidance scale; 1 disables guidance (the paper
                 samples ImageNet with 3.0).
-            guidance_schedule: ``"constant"`` or ``"power-cosine"`` (scale ramps up over the
-                steps; ``guidance_power`` sets the ramp).
+            guidance_schedule: ``"constant"``, ``"power-cosine"`` (scale ramps up as the
+                timestep falls, DiffiT's ramp; ``guidance_power`` sets it) or
+                ``"power-cosine-step"`` (the same ramp over the step index).
             guidance_channels: Guide only the first channels (DiT's 3-channel guidance).
             eta: DDIM's eta (the paper samples with 1.0); ignored by other schedulers.
             image_scale, aspect_ratio: Auxiliary conditions for models built with
