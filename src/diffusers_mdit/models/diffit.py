@@ -44,6 +44,8 @@ from .layers import split_tokens
 from .presets import PresetMixin, register_presets
 from .validation import (
     check_class_labels,
+    check_positive_ratios,
+    check_positive_sizes,
     check_sample,
     expand_timestep,
     null_labels_if_missing,
@@ -280,7 +282,8 @@ class _DiffiTModelMixin:
         self, hidden_states: torch.Tensor, timestep, class_labels, why: str
     ) -> torch.Tensor:
         """Check ``hidden_states`` (``why``: where its size multiple comes from) and the
-        labels; return the time token ``x_t``."""
+        labels; return the time token ``x_t``. Callers cast floating ``hidden_states`` to the
+        model's dtype afterwards (integer ones are refused here)."""
         config = self.config
         check_sample(hidden_states, config.in_channels, self.size_multiple, why)
         batch = hidden_states.shape[0]
@@ -367,6 +370,16 @@ class DiffiTTransformer2DModel(
         time_conditioning: str = "tmsa",
     ):
         super().__init__()
+        check_positive_sizes(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            window_size=window_size,
+            frequency_embedding_size=frequency_embedding_size,
+        )
+        check_positive_ratios(mlp_ratio=mlp_ratio)
         _validate_common(hidden_size, num_attention_heads, num_classes, num_layers=num_layers)
         if sample_size % patch_size:
             raise ValueError(
@@ -445,6 +458,7 @@ class DiffiTTransformer2DModel(
             f" x TMSA window {config.window_size}" if config.window_size else ""
         )
         time_token = self._time_token(hidden_states, timestep, class_labels, why)
+        hidden_states = hidden_states.to(self.dtype)
         height, width = hidden_states.shape[-2:]
 
         grid = (height // config.patch_size, width // config.patch_size)
@@ -537,11 +551,30 @@ class DiffiTUNet2DModel(
     ):
         super().__init__()
         levels = len(block_out_channels)
+        if levels == 0:
+            raise ValueError(
+                "block_out_channels is empty; give one width per level, e.g. (128, 256, 256)."
+            )
         windows = _per_level(window_size, levels, "window_size")
+        check_positive_sizes(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            attention_head_dim=attention_head_dim,
+            time_embedding_dim=time_embedding_dim,
+            frequency_embedding_size=frequency_embedding_size,
+            norm_num_groups=norm_num_groups,
+            **{f"window_size[{i}]": window for i, window in enumerate(windows)},
+        )
+        check_positive_ratios(mlp_ratio=mlp_ratio)
         if len(layers_per_level) != levels:
             raise ValueError(
                 f"layers_per_level has {len(layers_per_level)} entries but block_out_channels "
                 f"has {levels}; give one block count per level."
+            )
+        if min(layers_per_level) < 0:
+            raise ValueError(
+                f"layers_per_level entries must be >= 0, got {tuple(layers_per_level)}."
             )
         for width in block_out_channels:
             _validate_common(width, width // attention_head_dim, num_classes, attention_head_dim)
@@ -621,6 +654,7 @@ class DiffiTUNet2DModel(
         """
         why = "2^(levels-1) downsamplings x each level's TMSA window"
         time_token = self._time_token(hidden_states, timestep, class_labels, why)
+        hidden_states = hidden_states.to(self.dtype)
 
         # (B, H, W, C) memory throughout; convolutions see channels-last NCHW views.
         def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,11 @@ from .layers import (
 )
 from .presets import PresetMixin, register_presets
 from .validation import (
+    check_batch_size,
     check_class_labels,
+    check_kernel_size,
+    check_positive_ratios,
+    check_positive_sizes,
     check_sample,
     expand_timestep,
     null_labels_if_missing,
@@ -280,6 +284,23 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
                 f"class_conditioning must be 'cross_attention' or 'modulation', got "
                 f"{class_conditioning!r}."
             )
+        check_positive_sizes(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            outer_dim=outer_dim,
+            core_dim=core_dim,
+            attention_head_dim=attention_head_dim,
+            num_aggregate_heads=num_aggregate_heads,
+            core_patch_size=core_patch_size,
+            cross_attention_dim=cross_attention_dim,
+            timestep_embedding_dim=timestep_embedding_dim,
+            aux_embedding_dim=aux_embedding_dim,
+            condition_dim=condition_dim,
+        )
+        check_positive_ratios(ffn_mult=ffn_mult, rope_base=rope_base)
+        check_kernel_size("outer_kernel_size", outer_kernel_size)
+        check_kernel_size("core_kernel_size", core_kernel_size)
         _validate_config(
             num_alternating_blocks=num_alternating_blocks,
             outer_dim=outer_dim,
@@ -387,6 +408,7 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
                 f"Unknown core attention type {attention_type!r}; use 'global' or 'neighborhood'."
             )
         kernel_size = kernel_size or self.config.core_kernel_size
+        check_kernel_size("kernel_size", kernel_size)
         kernel = kernel_size if attention_type == "neighborhood" else None
         self._apply_core_kernels([kernel] * len(self.core_sequence()))
         self.register_to_config(
@@ -437,14 +459,26 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
     # -- inputs --------------------------------------------------------------------------------
 
     def _check_inputs(
-        self, hidden_states, class_labels, encoder_hidden_states, image_scale, aspect_ratio
+        self,
+        hidden_states,
+        class_labels,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        image_scale,
+        aspect_ratio,
     ):
         config = self.config
         why = f"core patch {config.core_patch_size}" + (
             " x aggregate merge 2" if self.aggregate_blocks else ""
         )
         check_sample(hidden_states, config.in_channels, self.size_multiple, why)
-        check_class_labels(class_labels, config.num_classes, hidden_states.shape[0])
+        batch = hidden_states.shape[0]
+        check_class_labels(class_labels, config.num_classes, batch)
+        if encoder_attention_mask is not None and encoder_hidden_states is None:
+            raise ValueError(
+                "encoder_attention_mask was given without encoder_hidden_states; pass the text "
+                "states it masks, or drop it."
+            )
         if encoder_hidden_states is not None:
             if config.cross_attention_dim is None:
                 raise ValueError(
@@ -460,11 +494,25 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
                     f"encoder_hidden_states must be (batch, tokens, {config.cross_attention_dim}), "
                     f"got {tuple(encoder_hidden_states.shape)}."
                 )
+            check_batch_size("encoder_hidden_states", encoder_hidden_states, batch)
+            tokens = tuple(encoder_hidden_states.shape[:2])
+            if encoder_attention_mask is not None and encoder_attention_mask.shape != tokens:
+                raise ValueError(
+                    f"encoder_attention_mask must be (batch, tokens) = {tokens} like "
+                    f"encoder_hidden_states, got {tuple(encoder_attention_mask.shape)}; give one "
+                    "mask entry per text token."
+                )
         if (image_scale is not None or aspect_ratio is not None) and not config.use_aux_conditions:
             raise ValueError(
                 "image_scale / aspect_ratio were given but the model has no auxiliary "
                 "conditions. Build it with use_aux_conditions=True or drop them."
             )
+        for name, value in (("image_scale", image_scale), ("aspect_ratio", aspect_ratio)):
+            if value is not None and value.shape != (batch,):
+                raise ValueError(
+                    f"{name} must have shape ({batch},), one value per sample, got "
+                    f"{tuple(value.shape)}."
+                )
 
     @property
     def size_multiple(self) -> int:
@@ -579,7 +627,9 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         """
         Args:
             hidden_states: Noisy latents ``(B, in_channels, H, W)``; ``H`` and ``W`` multiples
-                of :attr:`size_multiple`, any aspect ratio.
+                of :attr:`size_multiple`, any aspect ratio. Floating point inputs are cast to
+                the model's dtype (e.g. float16 latents into a float32 model); integer ones are
+                refused.
             timestep: Diffusion timestep(s), scalar or ``(B,)``, in the scheduler's units
                 (0..999 for DDPM/DDIM; flow-matching sigmas times 1000).
             class_labels: ``(B,)`` labels in ``[0, num_classes]``; ``num_classes`` (or ``None``)
@@ -593,9 +643,18 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         Returns:
             The prediction ``(B, out_channels, H, W)``.
         """
+        # 1. Check inputs; floating ones are cast to the model's dtype.
         self._check_inputs(
-            hidden_states, class_labels, encoder_hidden_states, image_scale, aspect_ratio
+            hidden_states,
+            class_labels,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            image_scale,
+            aspect_ratio,
         )
+        hidden_states = hidden_states.to(self.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(self.dtype)
         batch = hidden_states.shape[0]
         timestep = expand_timestep(timestep, batch, hidden_states.device)
         condition = self.condition_embedding(timestep, image_scale, aspect_ratio)
