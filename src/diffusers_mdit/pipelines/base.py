@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -51,8 +53,28 @@ SAMPLING_ARGUMENTS = (
 
 
 def sampling_arguments(call_arguments: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`SAMPLING_ARGUMENTS` among a pipeline call's arguments (its ``locals()``)."""
-    return {name: call_arguments[name] for name in SAMPLING_ARGUMENTS}
+    """The :data:`SAMPLING_ARGUMENTS` among a pipeline call's arguments (its ``locals()``),
+    checked: a NaN guidance scale would otherwise turn every image into NaN silently."""
+    sampling = {name: call_arguments[name] for name in SAMPLING_ARGUMENTS}
+    for name in ("guidance_scale", "guidance_power", "eta"):
+        value = sampling[name]
+        if value is not None and not (
+            isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            raise ValueError(
+                f"{name} must be a finite number, got {value!r}; pass a real value "
+                "(guidance_scale=1.0 samples without guidance)."
+            )
+    channels = sampling["guidance_channels"]
+    if channels is not None and (not _is_int(channels) or channels < 1):
+        raise ValueError(
+            f"guidance_channels must be a positive integer (or None for all), got {channels!r}."
+        )
+    return sampling
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLoraLoaderMixin):
@@ -78,6 +100,11 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
         """``core_patch_schedule`` halves the core resolution: the size must allow it."""
         if schedule is None:
             return
+        if not (isinstance(schedule, Real) and 0 <= schedule <= 1):
+            raise ValueError(
+                f"core_patch_schedule is the fraction of the steps run at half core resolution, "
+                f"so it must lie in [0, 1], got {schedule!r}."
+            )
         multiple = 2 * self.vae_scale_factor * self.transformer.size_multiple
         if height % multiple or width % multiple:
             raise ValueError(
@@ -121,6 +148,17 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str] | None,
     ) -> None:
+        for name, size in (("height", height), ("width", width)):
+            if not _is_int(size) or size < 1:
+                raise ValueError(
+                    f"{name} must be a positive integer of pixels, got {size!r}; pass a "
+                    "positive size or None for the model's default size."
+                )
+        if not _is_int(num_inference_steps):
+            raise ValueError(
+                f"num_inference_steps must be an integer, got {num_inference_steps!r}; pass a "
+                "whole number of steps such as 50."
+            )
         multiple = self.vae_scale_factor * self.transformer.size_multiple
         if height % multiple or width % multiple:
             raise ValueError(

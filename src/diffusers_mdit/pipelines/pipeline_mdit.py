@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from numbers import Integral
 
 import torch
 from diffusers.models import AutoencoderKL
@@ -23,6 +24,12 @@ def batch_labels(
     """Labels repeated ``num_images_per_prompt`` times (``None`` for unconditional models),
     and the resulting batch size. Without labels a class-conditional model samples the null
     class ``num_classes``."""
+    for name, count in (
+        ("batch_size", batch_size),
+        ("num_images_per_prompt", num_images_per_prompt),
+    ):
+        if not isinstance(count, Integral) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"{name} must be a positive integer, got {count!r}.")
     if class_labels is None:
         batch = batch_size * num_images_per_prompt
         if num_classes == 0:
@@ -33,7 +40,21 @@ def batch_labels(
             "class_labels were given but the model is unconditional (num_classes=0); "
             "call the pipeline with batch_size=... instead."
         )
-    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if batch_size != 1:
+        raise ValueError(
+            f"Give class_labels or batch_size, not both: with labels the batch is one image per "
+            f"label (times num_images_per_prompt), so batch_size={batch_size} would be ignored. "
+            "Repeat the labels instead, e.g. class_labels=[3] * 4."
+        )
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty; give at least one class id.")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"class_labels must be integer class ids, got {labels.tolist()} ({labels.dtype}); "
+            "pass ints such as [1, 7]."
+        )
+    labels = labels.long()
     if bool(((labels < 0) | (labels > num_classes)).any()):
         raise ValueError(
             f"class_labels must lie in [0, {num_classes}] ({num_classes} = null), got "
@@ -98,7 +119,8 @@ class MDiTPipeline(TransformerDiffusionPipeline):
 
         Args:
             class_labels: Class id(s) for a class-conditional model (``num_classes`` = null).
-            batch_size: Number of images for an unconditional model.
+            batch_size: Number of images for an unconditional model (with ``class_labels`` the
+                batch is one image per label: leave it at 1).
             num_images_per_prompt: Images per class label.
             height, width: Output size in pixels; defaults to the model's ``sample_size``
                 times the VAE factor. Any multiple of the model's and VAE's factors works,

@@ -125,9 +125,13 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
             height, width, num_inference_steps, output_type, callback_on_step_end_tensor_inputs
         )
         self.check_core_patch_schedule(core_patch_schedule, height, width)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _prompt_list("prompt", prompt)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(
+                f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}."
+            )
         if negative_prompt is not None:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            negatives = _prompt_list("negative_prompt", negative_prompt)
             if len(negatives) != len(prompts):
                 raise ValueError(
                     f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts."
@@ -157,3 +161,17 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
             return self.generate(
                 latents, conditional, unconditional, sampling, output_type, return_dict, before
             )
+
+
+def _prompt_list(name: str, prompt) -> list[str]:
+    """``prompt`` (a string or a non-empty list of strings) as a list."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(
+            f"{name} must be a string or a non-empty list of strings, got {prompt!r}; pass e.g. "
+            f'{name}="a photo of a dog".'
+        )
+    wrong = [p for p in prompts if not isinstance(p, str)]
+    if wrong:
+        raise ValueError(f"{name} must hold only strings, got {wrong[0]!r} in {prompts!r}.")
+    return list(prompts)
