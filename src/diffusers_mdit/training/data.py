@@ -126,7 +126,19 @@ class ImageDataset(Dataset):
                     f"train_data_dir {train_data_dir!r} does not exist or is not a directory; "
                     "point it at a folder of images (class sub-folders for labels)."
                 )
-            data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split)
+            try:
+                data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split)
+            except (FileNotFoundError, ValueError) as error:  # no data files / empty split
+                raise ValueError(
+                    f"train_data_dir {train_data_dir!r} holds no images for split {split!r} "
+                    f"({type(error).__name__}: {error}). Put image files (.png, .jpg, ...) in "
+                    "it, in class sub-folders for labels."
+                ) from error
+            if len(data) == 0:
+                raise ValueError(
+                    f"train_data_dir {train_data_dir!r} holds no images for split {split!r}; put "
+                    "image files (.png, .jpg, ...) in it, in class sub-folders for labels."
+                )
         else:
             try:
                 data = datasets.load_dataset(dataset_name, split=split)
@@ -169,8 +181,14 @@ class ImageDataset(Dataset):
         return resize_center_crop(image, self.resolution, self.mode)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int | tuple[int, int]]:
-        image = self.data[index][self.image_column]
-        pixels = self.transform(image)
+        try:  # decoding happens here, on row access
+            image = self.data[index][self.image_column]
+            pixels = self.transform(image)
+        except OSError as error:  # PIL's UnidentifiedImageError, truncated files
+            raise ValueError(
+                f"Image {index} of the dataset cannot be read ({type(error).__name__}: {error}). "
+                "The file is corrupt or not an image: delete or re-save it."
+            ) from error
         if self.random_flip and torch.rand(()) < 0.5:
             pixels = pixels.flip(-1)
         return {
@@ -184,10 +202,36 @@ class ImageDataset(Dataset):
         return self.labels[index] if self.labels is not None else -1
 
 
+# Full scale of PIL's single-channel modes deeper than 8 bits ("I": a 16-bit PNG in older
+# Pillow versions, and 32-bit integer images, read on the 16-bit scale), as :func:`as_8bit_scale`
+# reads them.
+HIGH_BIT_DEPTH_SCALES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def as_8bit_scale(image):
+    """A single-channel image deeper than 8 bits (16-bit PNGs: modes ``I;16*``, ``I``; float
+    images: ``F``) as a mode ``F`` image on the 8-bit scale ``[0, 255]``, or ``None`` for any
+    other mode. PIL's ``convert("RGB")`` / ``convert("L")`` clips such images at 255 instead of
+    scaling them, so a 16-bit image would come out white. Float images are read as ``[0, 1]``
+    when their maximum is at most 1 and as PIL's ``[0, 255]`` otherwise."""
+    from PIL import Image
+
+    if image.mode not in HIGH_BIT_DEPTH_SCALES and image.mode != "F":
+        return None
+    array = np.asarray(image, dtype=np.float32)
+    if image.mode == "F":
+        scale = 1.0 if array.size and array.max() <= 1.0 else 255.0
+    else:
+        scale = HIGH_BIT_DEPTH_SCALES[image.mode]
+    return Image.fromarray(np.clip(array * (255.0 / scale), 0.0, 255.0).astype(np.float32))
+
+
 def resize_center_crop(image, resolution: int, mode: str = "RGB") -> torch.Tensor:
     """A PIL image converted to ``mode``, its shorter side resized (bicubic) to ``resolution``
-    and center-cropped, as ``(C, R, R)`` in [-1, 1]."""
-    image = image.convert(mode)
+    and center-cropped, as ``(C, R, R)`` in [-1, 1]. Images of more than 8 bits per channel
+    keep their range (:func:`as_8bit_scale`)."""
+    high_bit_depth = as_8bit_scale(image)
+    image = image.convert(mode) if high_bit_depth is None else high_bit_depth
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)),
             max(resolution, round(image.height * scale)))  # fmt: skip
@@ -195,6 +239,8 @@ def resize_center_crop(image, resolution: int, mode: str = "RGB") -> torch.Tenso
     left = (image.width - resolution) // 2
     top = (image.height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    tensor = torch.from_numpy(array.reshape(resolution, resolution, -1))
-    return tensor.permute(2, 0, 1).contiguous()
+    array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 255.0) / 127.5 - 1.0
+    array = array.reshape(resolution, resolution, -1)
+    if high_bit_depth is not None:  # a grey image, repeated to the channels of ``mode``
+        array = np.repeat(array, len(mode), axis=-1)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
