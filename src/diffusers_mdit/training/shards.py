@@ -376,6 +376,12 @@ def _resolve_shards(path: str) -> tuple[str, list[str]]:
     if not shards:
         what = "holds no .tar shards" if os.path.isdir(path) else "matches no folder or shards"
         raise ValueError(f"Latent shards {path!r} {what}; {hint}.")
+    not_tar = [s for s in shards if not s.endswith(".tar")]
+    if not_tar:
+        raise ValueError(
+            f"Latent shards {path!r} match {not_tar[0]!r}, which is not a .tar shard; give a "
+            "shards folder or a glob of its .tar files (e.g. 'latents/shard-*.tar')."
+        )
     if len({os.path.dirname(s) for s in shards}) > 1:
         raise ValueError(f"Latent shards {path!r} match files in several folders; use one folder.")
     if not os.path.isfile(os.path.join(folder, METADATA_FILE)):
@@ -384,6 +390,38 @@ def _resolve_shards(path: str) -> tuple[str, list[str]]:
             f"finish (or another tool wrote them); {hint}."
         )
     return folder, shards
+
+
+def _read_metadata(folder: str) -> dict:
+    path = os.path.join(folder, METADATA_FILE)
+    hint = "write the shards again with training/prepare_latents.py"
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path!r} is not valid JSON ({error}); {hint}.") from error
+    required = ("shards", "latent_shape", "flips")
+    if not isinstance(metadata, dict) or any(key not in metadata for key in required):
+        raise ValueError(
+            f"{path!r} is not the metadata of latent shards (it needs the keys {required}); {hint}."
+        )
+    return metadata
+
+
+def _read_index(folder: str) -> np.ndarray:
+    path = os.path.join(folder, INDEX_FILE)
+    hint = "write the shards again with training/prepare_latents.py"
+    if not os.path.isfile(path):
+        raise ValueError(f"Latent shards in {folder!r} have no {INDEX_FILE}; {hint}.")
+    try:
+        index = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path!r} cannot be read ({error}); {hint}.") from error
+    if index.dtype.names is None or set(INDEX_DTYPE.names) - set(index.dtype.names):
+        raise ValueError(
+            f"{path!r} is not an index of latent shards (fields {INDEX_DTYPE.names}); {hint}."
+        )
+    return index
 
 
 class LatentShardDataset(Dataset):
@@ -402,8 +440,7 @@ class LatentShardDataset(Dataset):
 
     def __init__(self, path: str):
         self.folder, shards = _resolve_shards(path)
-        with open(os.path.join(self.folder, METADATA_FILE)) as f:
-            self.metadata = json.load(f)
+        self.metadata = _read_metadata(self.folder)
         known = {name: i for i, name in enumerate(self.metadata["shards"])}
         names = [os.path.basename(s) for s in shards]
         unknown = [name for name in names if name not in known]
@@ -412,7 +449,7 @@ class LatentShardDataset(Dataset):
                 f"{unknown[0]!r} in {self.folder!r} is not listed in its {METADATA_FILE}; the "
                 "folder mixes shards of different preparations."
             )
-        index = np.load(os.path.join(self.folder, INDEX_FILE))
+        index = _read_index(self.folder)
         self.index = index[np.isin(index["shard"], [known[name] for name in names])]
         self.paths = {known[os.path.basename(shard)]: shard for shard in shards}
 
@@ -441,11 +478,19 @@ class LatentShardDataset(Dataset):
 
     def _members(self, index: int) -> dict[str, bytes]:
         row = self.index[index]
-        with open(self.paths[int(row["shard"])], "rb") as f:
+        path = self.paths[int(row["shard"])]
+        with open(path, "rb") as f:
             f.seek(int(row["start"]))
             blob = f.read(int(row["end"] - row["start"]))
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
-            return {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar}
+        try:
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+                return {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar}
+        except (tarfile.TarError, IndexError, AttributeError) as error:
+            raise ValueError(
+                f"Sample {index} of {path!r} cannot be read ({type(error).__name__}: {error}): "
+                "the shard is truncated or corrupt; write the shards again with "
+                "training/prepare_latents.py."
+            ) from error
 
     def item(self, index: int, flip: bool = False) -> dict[str, torch.Tensor | int | float]:
         """Sample ``index``, with the latent of the horizontally flipped image if ``flip``."""
