@@ -20,6 +20,7 @@ import torch
 from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.utils import logging
 from peft import LoraConfig, get_peft_model_state_dict
+from safetensors import SafetensorError
 from torch import nn
 
 from .hub import _refuse_pickle, _refuse_pickle_save
@@ -123,7 +124,8 @@ def get_lora_metadata(model: nn.Module, adapter_name: str = "default") -> dict[s
 
 def check_lora_modules(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
     """Raise if ``state_dict`` (LoRA weights with the model's module names) adapts modules that
-    ``model`` lacks. diffusers only logs a warning and leaves those weights out."""
+    ``model`` lacks (diffusers only logs a warning and leaves those weights out), or modules of
+    other widths (PEFT fails with a long list of size mismatches)."""
     modules = dict(model.named_modules())
     missing = sorted({key.split(".lora_")[0] for key in state_dict} - modules.keys())
     if missing:
@@ -135,6 +137,19 @@ def check_lora_modules(state_dict: dict[str, torch.Tensor], model: nn.Module) ->
             f"{type(model).__name__} does not have: {shown}. They were trained for a model of "
             "another layout; load them into a pipeline with the base model they were trained on."
         )
+    for key, weight in state_dict.items():
+        name, _, part = key.partition(".lora_")
+        module = modules[name]
+        features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        # lora_A maps the module's input down to the rank, lora_B the rank up to its output.
+        axis, width = (1, features[0]) if part.startswith("A.") else (0, features[1])
+        if width is not None and weight.ndim == 2 and weight.shape[axis] != width:
+            raise ValueError(
+                f"The LoRA weight {key} has shape {tuple(weight.shape)} but {name} of this "
+                f"{type(model).__name__} maps {features[0]} -> {features[1]} features: the "
+                "weights were trained for a model of other widths. Load them into a pipeline "
+                "with the base model they were trained on."
+            )
 
 
 class MDiTLoraLoaderMixin(SanaLoraLoaderMixin):
@@ -167,7 +182,13 @@ class MDiTLoraLoaderMixin(SanaLoraLoaderMixin):
     ):
         """diffusers' ``lora_state_dict`` with safetensors forced (see ``load_lora_weights``)."""
         _refuse_pickle(kwargs)
-        return super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        try:
+            return super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(
+                f"The LoRA weights in {pretrained_model_name_or_path_or_dict!r} cannot be read "
+                f"({error}): the file is truncated or corrupt. Save or download it again."
+            ) from error
 
     def load_lora_weights(
         self,
