@@ -27,7 +27,7 @@ command=${1:-}
 shift || true
 case "$command" in
   demo) exec "$PY" -m diffusers_mdit "$@" ;;
-  sizes) exec "$PY" -c "from diffusers_mdit.cli import sizes; sizes()" "$@" ;;
+  sizes) exec "$PY" -c "from diffusers_mdit.cli import sizes; raise SystemExit(sizes())" "$@" ;;
   test) exec "$PY" -m pytest -m "not slow" -q "$@" ;;
   *) echo "usage: ./run.sh {demo|sizes|test} [args]" >&2; exit 2 ;;
 esac

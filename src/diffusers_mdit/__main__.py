@@ -1,3 +1,5 @@
+import sys
+
 from .cli import demo
 
-demo()
+sys.exit(demo())

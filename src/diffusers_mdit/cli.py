@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -15,6 +18,27 @@ PAPER_FIGURES = {
     "MDiT-B": "111M uncond. (FFHQ) / 133M class-cond. (ImageNet); 30 G per forward",
     "DiffiT-XL": "561M; 114 G per forward (table 9)",
 }
+
+
+# Errors a user causes (a bad value, a missing or unreadable file): the console scripts print
+# their message, as argparse reports a bad flag, instead of a traceback. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def run_command(
+    prog: str,
+    command: Callable[[], Any],
+    user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
+) -> int:
+    """Run ``command``; return 0, or 2 after printing ``prog: error: message`` on stderr when
+    it raises one of ``user_errors`` (argparse's format and exit status for bad arguments)."""
+    try:
+        command()
+    except user_errors as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def preset_table(height: int = 32, width: int = 32) -> str:
@@ -51,9 +75,13 @@ def diffit_table() -> str:
     return "\n".join(rows)
 
 
-def sizes(argv: list[str] | None = None) -> None:
+def sizes(argv: list[str] | None = None) -> int:
     """Build a model, run a forward pass on a random latent, print its size and cost, and the
-    table of every preset."""
+    table of every preset (exit status 2 with the message for a bad argument)."""
+    return run_command("mdit-sizes", lambda: _sizes(argv))
+
+
+def _sizes(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="mdit-sizes", description=sizes.__doc__)
     parser.add_argument("--preset", default="MDiT-B", choices=MDiTTransformer2DModel.list_presets())
     parser.add_argument("--resolution", type=int, default=32, help="latent height and width")
@@ -102,12 +130,12 @@ def sizes(argv: list[str] | None = None) -> None:
         print(diffit_table())
 
 
-def demo(argv: list[str] | None = None) -> None:
+def demo(argv: list[str] | None = None) -> int:
     """The main job (``./run.sh demo``): train an MDiT on the digits; see :mod:`.demo`."""
     from .demo import main
 
-    main(argv)
+    return run_command("mdit-demo", lambda: main(argv))
 
 
 if __name__ == "__main__":
-    demo()
+    sys.exit(demo())

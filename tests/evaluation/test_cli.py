@@ -89,7 +89,7 @@ def test_unavailable_metric_exits_with_the_message(pipeline_dir, tmp_path, capsy
     write_squares(tmp_path / "samples", [(0, 0, 0)], 3, labels_in_metadata=True)
     assert main(["score", str(tmp_path / "samples"), "--metrics", "fid,is"]) == 2
     error = capsys.readouterr().err
-    assert "mdit-eval score: fid, is unavailable: torch-fidelity" in error
+    assert "mdit-eval score: error: fid, is unavailable: torch-fidelity" in error
     assert "diffusers-mdit[metrics]" in error
 
 

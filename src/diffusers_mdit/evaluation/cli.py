@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from ..cli import USER_ERRORS, run_command
 from .features import CLIP_MODEL, DINOV2_MODEL, MetricUnavailableError
 from .score import METRICS, ImageSet, evaluate, parse_metrics
 
@@ -136,15 +137,15 @@ def run_score(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    """The ``mdit-eval`` console script: exit status 0, or 2 with ``mdit-eval COMMAND: error:
+    message`` for a bad argument or file or an unavailable metric."""
+    args = build_parser().parse_args(argv)
+
+    def command() -> None:
         report = run_generate(args) if args.command == "generate" else run_score(args)
-    except (MetricUnavailableError, ValueError, FileNotFoundError) as error:
-        print(f"mdit-eval {args.command}: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
-    return 0
+        print(json.dumps(report, indent=2))
+
+    return run_command(f"mdit-eval {args.command}", command, (*USER_ERRORS, MetricUnavailableError))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import argparse
 import importlib
 import importlib.util
 import os
+import sys
 
 import torch
 
+from ..cli import run_command
 from .common import load_for_analysis, write_json
 
 # Subcommand -> module of this package.
@@ -76,10 +78,10 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``mdit-explain`` console script (exit status 0; see :func:`run` for the numbers)."""
-    run(argv)
-    return 0
+    """The ``mdit-explain`` console script (see :func:`run` for the numbers): exit status 0,
+    or 2 with ``mdit-explain: error: message`` for a bad argument or file."""
+    return run_command("mdit-explain", lambda: run(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

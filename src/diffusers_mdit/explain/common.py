@@ -49,6 +49,11 @@ def load_for_analysis(
         )
     pipeline = None
     index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"{path!r} holds neither model_index.json nor config.json: pass a pipeline folder "
+            "or a model folder saved with save_pretrained."
+        )
     if os.path.isfile(index):
         with open(index) as f:
             names = json.load(f)
