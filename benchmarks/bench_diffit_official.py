@@ -9,7 +9,7 @@ VAE with sd-vae-ft-ema's architecture. Weights are random (the real ones cannot 
 here), which does not change the cost. One image; a few steps are timed (the first is a warmup)
 and their median is scaled to 250, plus one decode.
 
-    python benchmarks/bench_diffit_official.py            # CPU: ~1 min
+    python benchmarks/bench_diffit_official.py            # CPU: ~2 min
     python benchmarks/bench_diffit_official.py --quick    # smoke run (tiny model, 2 steps)
 """
 

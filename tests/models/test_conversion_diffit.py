@@ -199,3 +199,11 @@ def test_hub_files_go_through_hf_hub_download(tmp_path, monkeypatch, link, revis
     model = DiffiTTransformer2DModel.from_single_file(link)
     assert calls == [("nvidia/DiffiT", "diffit_256.safetensors", revision)]
     assert model.config._name_or_path == link
+
+
+def test_torch_dtype_applies_and_a_config_override_contradicting_the_weights_is_refused(tmp_path):
+    path = write_checkpoint(tmp_path)
+    model = DiffiTTransformer2DModel.from_single_file(path, torch_dtype=torch.float64)
+    assert model.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.relative_position_bias_table"):
+        DiffiTTransformer2DModel.from_single_file(path, num_attention_heads=4)
