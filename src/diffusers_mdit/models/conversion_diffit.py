@@ -182,7 +182,7 @@ def infer_diffit_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         state_dict,
         "x_embedder.proj.weight",
         RECOMPUTED_KEY,
-        "blocks.0." + "attn.relative_position_bias_table",
+        "blocks.0.attn.relative_position_bias_table",
         "y_embedder.embedding_table.weight",
         "final_layer.linear.weight",
         "t_embedder.mlp.0.weight",
