@@ -23,7 +23,8 @@ import torch
 from diffusers_mdit import MDiTPipeline
 from diffusers_mdit.demo import main as demo
 from diffusers_mdit.evaluation import DigitsClassifier
-from diffusers_mdit.training.trainer import add_arguments, save_grid, train
+from diffusers_mdit.training import TrainingConfig
+from diffusers_mdit.training.trainer import save_grid, train
 
 MODES = ("full", "aggregate", "patch", "lora")
 
@@ -89,20 +90,16 @@ def main(argv=None) -> dict:
 
     for mode in args.modes:
         folder = out(f"finetune-{mode}")
-        flags = [
-            "--pretrained_model_name_or_path", args.base, "--finetune", mode,
-            "--output_dir", folder, "--dataset_name", "digits", "--resolution", "32",
-            "--train_batch_size", str(args.train_batch_size),
-            "--max_train_steps", str(args.max_train_steps),
-            "--learning_rate", str(args.learning_rate),
-            "--core_kernel_size", str(args.core_kernel_size),
-            "--lora_rank", str(args.lora_rank),
-            "--checkpointing_steps", str(args.max_train_steps), "--checkpoints_total_limit", "1",
-            "--resume_from_checkpoint", "latest", "--report_to", "none",
-            "--seed", str(args.seed),
-        ]  # fmt: skip
+        config = TrainingConfig(
+            pretrained_model_name_or_path=args.base, finetune=mode, output_dir=folder,
+            dataset_name="digits", resolution=32, train_batch_size=args.train_batch_size,
+            max_train_steps=args.max_train_steps, learning_rate=args.learning_rate,
+            core_kernel_size=args.core_kernel_size, lora_rank=args.lora_rank,
+            checkpointing_steps=args.max_train_steps, checkpoints_total_limit=1,
+            resume_from_checkpoint="latest", report_to="none", seed=args.seed,
+        )  # fmt: skip
         start = time.perf_counter()
-        result = train(add_arguments(argparse.ArgumentParser()).parse_args(flags))
+        result = train(config)
         seconds = time.perf_counter() - start
         if mode == "lora":
             pipe = MDiTPipeline.from_pretrained(args.base)

@@ -50,31 +50,31 @@ class Recipe:
 
 
 def training_flags(
-    output_dir: str, config_path: str, steps: int, seed: int, recipe: Recipe, extra=()
-) -> argparse.Namespace:
-    """``train_mdit.py`` flags for one stage: train to ``steps``, resuming the latest
-    checkpoint, keeping one checkpoint."""
-    from diffusers_mdit.training.trainer import add_arguments
+    output_dir: str, config_path: str, steps: int, seed: int, recipe: Recipe, extra=None
+):
+    """The training configuration of one stage: train to ``steps``, resuming the latest
+    checkpoint, keeping one checkpoint; ``extra``: more ``TrainingConfig`` fields."""
+    from diffusers_mdit.training import TrainingConfig
 
-    flags = [
-        "--output_dir", output_dir,
-        "--model_config", config_path,
-        "--dataset_name", "digits",
-        "--resolution", str(recipe.resolution),
-        "--train_batch_size", str(recipe.batch_size),
-        "--max_train_steps", str(steps),
-        "--learning_rate", str(recipe.learning_rate),
-        "--prediction_type", recipe.prediction_type,
-        "--snr_gamma", str(recipe.snr_gamma),
-        "--use_ema", "--ema_decay", str(recipe.ema_decay),
-        "--checkpointing_steps", str(steps),
-        "--checkpoints_total_limit", "1",
-        "--resume_from_checkpoint", "latest",
-        "--report_to", "none",
-        "--seed", str(seed),
-        *extra,
-    ]  # fmt: skip
-    return add_arguments(argparse.ArgumentParser()).parse_args(flags)
+    return TrainingConfig(
+        output_dir=output_dir,
+        model_config=config_path,
+        dataset_name="digits",
+        resolution=recipe.resolution,
+        train_batch_size=recipe.batch_size,
+        max_train_steps=steps,
+        learning_rate=recipe.learning_rate,
+        prediction_type=recipe.prediction_type,
+        snr_gamma=recipe.snr_gamma,
+        use_ema=True,
+        ema_decay=recipe.ema_decay,
+        checkpointing_steps=steps,
+        checkpoints_total_limit=1,
+        resume_from_checkpoint="latest",
+        report_to="none",
+        seed=seed,
+        **(extra or {}),
+    )
 
 
 def train_in_stages(
@@ -84,7 +84,7 @@ def train_in_stages(
     seed: int,
     recipe: Recipe,
     score,
-    extra_flags=(),
+    extra_flags=None,
 ) -> list[dict]:
     """Train to each step count of ``stages`` in turn and call ``score(pipeline_dir)`` after
     each; returns one record per stage (step, training seconds of the stage, scores). Stages

@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
 
         data = args.train_data_dir
         quality = FolderQuality(data, args.resolution)
-        extra_flags = ["--train_data_dir", data]
+        extra_flags = {"train_data_dir": data}
         num_classes = quality.num_classes
         print(
             f"{data}: {len(quality.reference.labels)} images, {num_classes} classes; reference "
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     else:
         from common import digits_quality as quality
 
-        extra_flags, num_classes = [], 10
+        extra_flags, num_classes = {}, 10
     score = make_scorer(args, num_classes)
     runs: dict[str, dict[int, list[dict]]] = {}
     for name, config in ARMS.items():

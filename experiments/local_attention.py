@@ -260,9 +260,9 @@ def run(args, recipe: Recipe, arm: str, size: str, seed: int) -> dict:
     """Train (or reuse) one run and return its record; a record scored with other settings is
     scored again."""
     folder = os.path.join(args.output_dir, arm_folder(arm), f"n{size}", f"seed{seed}")
-    extra = ["--held_out_fraction", str(HELD_OUT_FRACTION)]
+    extra = {"held_out_fraction": HELD_OUT_FRACTION}
     if size != FULL:
-        extra += ["--max_train_samples", size]
+        extra["max_train_samples"] = int(size)
     score = scorer(args, recipe, size)
     (record,) = [
         r

@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
         pooled[weight] = []
         for seed in args.seeds:
             folder = os.path.join(args.output_dir, f"lambda{weight}", f"seed{seed}")
-            extra = ["--variance_matching_weight", str(weight)]
+            extra = {"variance_matching_weight": weight}
             train_in_stages(folder, MDIT_DIGITS, [args.steps], seed, recipe, lambda _: {}, extra)
             images, labels = sample_classes(
                 folder, args.samples_per_class, args.num_inference_steps, args.guidance_scale, 0

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .training.config import TrainingConfig
+
 # A two-level MDiT {M, N, K, L} = {1, 1, 2, 4} for 16x16 digits: the outer blocks work on all
 # 256 pixels (width 32, neighborhood 7); a 4x4 core patch gives a 4x4 core grid (width 128),
 # merged to 2x2 by the aggregate blocks. About 2.4M parameters.
@@ -68,27 +70,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def training_arguments(args: argparse.Namespace, config_path: str) -> argparse.Namespace:
-    """The ``train_mdit.py`` flags the demo runs with."""
-    from .training.trainer import add_arguments
-
-    checkpointing_steps = max(args.max_train_steps // 4, 1)
-    flags = [
-        "--output_dir", args.output_dir,
-        "--model_config", config_path,
-        "--dataset_name", "digits",
-        "--resolution", str(args.resolution),
-        "--train_batch_size", str(args.train_batch_size),
-        "--max_train_steps", str(args.max_train_steps),
-        "--learning_rate", str(args.learning_rate),
-        "--use_ema", "--ema_decay", "0.995",
-        "--checkpointing_steps", str(checkpointing_steps),
-        "--checkpoints_total_limit", "1",
-        "--resume_from_checkpoint", "latest",
-        "--report_to", "none",
-        "--seed", str(args.seed),
-    ]  # fmt: skip
-    return add_arguments(argparse.ArgumentParser()).parse_args(flags)
+def training_arguments(args: argparse.Namespace, config_path: str) -> TrainingConfig:
+    """The training configuration the demo runs with."""
+    return TrainingConfig(
+        output_dir=args.output_dir,
+        model_config=config_path,
+        dataset_name="digits",
+        resolution=args.resolution,
+        train_batch_size=args.train_batch_size,
+        max_train_steps=args.max_train_steps,
+        learning_rate=args.learning_rate,
+        use_ema=True,
+        ema_decay=0.995,
+        checkpointing_steps=max(args.max_train_steps // 4, 1),
+        checkpoints_total_limit=1,
+        resume_from_checkpoint="latest",
+        report_to="none",
+        seed=args.seed,
+    )
 
 
 def run_demo(args: argparse.Namespace) -> DemoResult:

@@ -268,3 +268,16 @@ def test_data_loader_workers_change_nothing_and_resume_exactly_after_sigkill(tmp
         assert expected.keys() == actual.keys()
         for name in expected:
             assert torch.equal(expected[name], actual[name]), name
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path):
+    steps = dict(max_train_steps=2, checkpointing_steps=2, use_ema=None)
+    eager = train(parse(flags(tmp_path, tmp_path / "eager", **steps)))
+    compiled = train(parse([*flags(tmp_path, tmp_path / "compiled", **steps), "--torch_compile"]))
+    assert compiled.steps == 2
+    assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-4)
+    expected, actual = weights(eager.pipeline_dir), weights(compiled.pipeline_dir)
+    assert expected.keys() == actual.keys()  # saved without torch.compile's prefixes
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-3, atol=1e-4)

@@ -1,5 +1,7 @@
-"""Training library code: objectives, regularisers and condition dropout of the MDiT paper."""
+"""Training library code: objectives, regularisers and condition dropout of the MDiT paper,
+and the typed training configuration (the loop itself: :func:`.trainer.train`)."""
 
+from .config import TrainingConfig
 from .losses import (
     ActivationCapture,
     patch_regularization_loss,
@@ -32,6 +34,7 @@ __all__ = [
     "EpsilonObjective",
     "NoisyBatch",
     "RectifiedFlowObjective",
+    "TrainingConfig",
     "TrainingObjective",
     "X0Objective",
     "discretized_gaussian_log_likelihood",

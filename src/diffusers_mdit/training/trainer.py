@@ -23,7 +23,8 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -51,6 +52,7 @@ from .checkpointing import (
     set_learning_rate,
     step_generator,
 )
+from .config import TrainingConfig
 from .data import (
     DIGITS_CLASSES,
     DIGITS_IMAGES,
@@ -59,7 +61,7 @@ from .data import (
     digits_split,
     subset_indices,
 )
-from .finetuning import FINETUNE_MODES, load_pretrained_model, prepare_finetuning
+from .finetuning import load_pretrained_model, prepare_finetuning
 from .loader import training_loader
 from .losses import ActivationCapture, scheduled_weight, training_losses
 from .objectives import drop_aux_conditions, drop_labels, drop_text_conditions, make_objective
@@ -78,131 +80,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The command-line flags (diffusers examples' names where one exists)."""
-    add = parser.add_argument
-    add("--output_dir", default="outputs/mdit", help="Checkpoints, samples, final pipeline.")
-    add("--seed", type=int, default=0)
-    add("--preset", default="MDiT-S", help="A from_preset name (see list_presets()).")
-    add(
-        "--model_config",
-        default=None,
-        help="A model config JSON instead of --preset (a config.json of a saved model: its "
-        "_class_name picks the model class, MDiT when absent).",
-    )
-    add("--dataset_name", default="digits", help="'digits' (built in) or a datasets name.")
-    add("--train_data_dir", default=None, help="An imagefolder directory (overrides name).")
-    add("--image_column", default="image")
-    add("--label_column", default="label")
-    add(
-        "--max_train_samples",
-        type=int,
-        default=None,
-        help="Train on the first N samples only (the digits: of the training part left by "
-        "--held_out_fraction, in dataset order; other image datasets: the first N rows). A "
-        "subset smaller than the global batch is repeated whole to fill it.",
-    )
-    add(
-        "--held_out_fraction",
-        type=float,
-        default=0.0,
-        help="Digits only: never train on a held-out split, this fraction of every class, "
-        "drawn with seed 0 (training.data.digits_split, the MLP probe's split); 0 = none.",
-    )
-    add("--resolution", type=int, default=16)
-    add(
-        "--random_flip",
-        action="store_true",
-        help="Horizontal flips at random; latent shards draw the stored flipped latent.",
-    )
-    add(
-        "--train_shards",
-        default=None,
-        help="Latent shards (a folder or a glob) written by training/prepare_latents.py; "
-        "replaces the image dataset, the model size follows the latents (--resolution unused).",
-    )
-    add(
-        "--pretrained_vae_model_name_or_path",
-        default=None,
-        help="VAE of the final pipeline and validation grids; default: the shards' VAE.",
-    )
-    add(
-        "--text_encoder_name_or_path",
-        default=None,
-        help="Text encoder of the final pipeline (text shards); default: the shards' encoder.",
-    )
-    add("--caption_dropout", type=float, default=0.1, help="Text dropout for CFG (text shards).")
-    add(
-        "--use_aux_conditions",
-        action="store_true",
-        help="Condition an MDiT on the shards' image scale and aspect ratio (G.4, ImageNet).",
-    )
-    add("--aux_dropout", type=float, default=0.1, help="Scale/aspect dropout (G.4).")
-    add("--unconditional", action="store_true", help="Ignore labels (num_classes=0).")
-    add("--prediction_type", choices=["x0", "epsilon", "flow"], default="x0")
-    add("--snr_gamma", type=float, default=5.0, help="Min-SNR gamma (x0, epsilon).")
-    add("--learned_variance", action="store_true", help="epsilon: DiT's hybrid loss.")
-    add("--variance_matching_weight", type=float, default=0.0)
-    add("--variance_matching_stop_step", type=int, default=None)
-    add("--patch_regularization_weight", type=float, default=0.0)
-    add("--patch_regularization_stop_step", type=int, default=None)
-    add("--label_dropout", type=float, default=0.1)
-    add("--train_batch_size", type=int, default=32, help="Per process.")
-    add(
-        "--dataloader_num_workers",
-        type=int,
-        default=0,
-        help="Processes that decode the data (0: the main process). Batches do not depend on it.",
-    )
-    add("--gradient_accumulation_steps", type=int, default=1)
-    add("--max_train_steps", type=int, default=1000)
-    add("--learning_rate", type=float, default=4e-4)
-    add("--lr_warmup_steps", type=int, default=0)
-    add("--adam_beta1", type=float, default=0.9)
-    add("--adam_beta2", type=float, default=0.95)
-    add("--adam_weight_decay", type=float, default=0.01)
-    add("--max_grad_norm", type=float, default=1.0)
-    add("--use_ema", action="store_true")
-    add("--ema_decay", type=float, default=0.9999)
-    add("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    add("--gradient_checkpointing", action="store_true")
-    add("--checkpointing_steps", type=int, default=500)
-    add("--checkpoints_total_limit", type=int, default=3)
-    add("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
-    add("--validation_steps", type=int, default=0, help="Sample grid PNG every N steps.")
-    add("--num_validation_steps", type=int, default=25, help="Sampler steps for grids.")
-    add(
-        "--validation_prompts",
-        nargs="+",
-        default=None,
-        help="Prompts of the text grids; default: the first 4 captions of the shards.",
-    )
-    add(
-        "--pretrained_model_name_or_path",
-        default=None,
-        help="Start from a trained model: a saved pipeline folder (its transformer/) or model "
-        "folder. --preset/--model_config are then unused.",
-    )
-    add(
-        "--finetune",
-        choices=FINETUNE_MODES,
-        default=None,
-        help="With --pretrained_model_name_or_path: train everything (full, the default), only "
-        "the aggregate blocks with neighborhood core attention (aggregate, MDiT J.1), only the "
-        "replicated larger core patch projections (patch, J.2), or LoRA adapters (lora).",
-    )
-    add("--core_kernel_size", type=int, default=15, help="--finetune aggregate: NA kernel.")
-    add("--lora_rank", type=int, default=16)
-    add("--lora_alpha", type=float, default=None, help="LoRA alpha; default: the rank.")
-    add(
-        "--lora_target_modules",
-        nargs="+",
-        default=None,
-        help="Module names or groups to adapt; default: attention and feed-forward projections.",
-    )
-    add("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
-    add("--push_to_hub", action="store_true")
-    add("--hub_model_id", default=None)
-    return parser
+    """The command-line flags: one per :class:`.config.TrainingConfig` field."""
+    return TrainingConfig.add_arguments(parser)
 
 
 @dataclass
@@ -222,11 +101,11 @@ class TrainResult:
 GLOBAL_BATCH = "global batch (--train_batch_size x processes)"
 
 
-def run_settings(args, accelerator) -> dict:
-    """The settings a checkpoint records (every flag, and the global batch), as JSON values;
+def run_settings(config: TrainingConfig, accelerator) -> dict:
+    """The settings a checkpoint records (every field, and the global batch), as JSON values;
     :func:`.checkpointing.check_resume_settings` compares them on resume."""
-    settings = {k: v for k, v in vars(args).items()}
-    settings[GLOBAL_BATCH] = args.train_batch_size * accelerator.num_processes
+    settings = config.to_dict()
+    settings[GLOBAL_BATCH] = config.train_batch_size * accelerator.num_processes
     return json.loads(json.dumps(settings))
 
 
@@ -314,7 +193,7 @@ def build_model(
         model = from_preset(args.preset, **overrides)
     size = overrides["sample_size"]
     if size % model.size_multiple:
-        what = f"The shards' latent size {size}" if sample_size else f"--resolution {size}"
+        what = f"The shards' latent size {size}" if args.train_shards else f"--resolution {size}"
         raise ValueError(
             f"{what} must be a multiple of {model.size_multiple} (the model's patching); "
             "choose another resolution or preset."
@@ -431,31 +310,82 @@ def sample_grid(
                 output_type="pt").images  # fmt: skip
 
 
-def train(args) -> TrainResult:
-    """Run (or resume) training as configured by ``args`` (see :func:`add_arguments`)."""
+@dataclass
+class TrainingRun:
+    """What :func:`setup` builds for a run: the data, the model and its training state, and
+    the pipeline components for validation grids and the final pipeline."""
+
+    config: TrainingConfig
+    accelerator: Accelerator
+    dataset: Any
+    num_classes: int
+    model: torch.nn.Module  # as prepared by accelerate (DDP, torch.compile)
+    unwrapped: torch.nn.Module
+    objective: Any
+    optimizer: Any
+    lr_scheduler: Any
+    ema: EMAModel | None
+    trainable: list[torch.nn.Parameter]
+    use_text: bool = False
+    use_aux: bool = False
+    components: dict = field(default_factory=dict)
+    prompts: list[str] | None = None
+
+    @property
+    def shards(self) -> bool:
+        return isinstance(self.dataset, LatentShardDataset)
+
+    @property
+    def checkpointed(self) -> dict[str, Any]:
+        """The objects a checkpoint holds (see :func:`.checkpointing.save_checkpoint`)."""
+        # The unwrapped model: DDP and torch.compile wrappers share its parameters.
+        objects = dict(
+            model=self.unwrapped, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
+        )
+        if self.ema is not None:
+            objects["ema"] = self.ema
+        return objects
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.train_batch_size * self.accelerator.num_processes
+
+    @property
+    def share(self) -> slice:
+        """This process's slice of every global batch."""
+        size = self.config.train_batch_size
+        return slice(
+            self.accelerator.process_index * size, (self.accelerator.process_index + 1) * size
+        )
+
+
+def setup(config: TrainingConfig) -> TrainingRun:
+    """Accelerator, data, model (new, from a config, or pre-trained for fine-tuning),
+    objective, optimizer, LR schedule and EMA of ``config``, checked against each other."""
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),
     )
-    set_seed(args.seed)
-    dataset, num_classes = build_dataset(args, args.train_batch_size * accelerator.num_processes)
-    num_classes = 0 if args.unconditional else num_classes
-    check_data_arguments(args, dataset)
+    set_seed(config.seed)
+    global_batch = config.train_batch_size * accelerator.num_processes
+    dataset, num_classes = build_dataset(config, global_batch)
+    num_classes = 0 if config.unconditional else num_classes
+    check_data_arguments(config, dataset)
     shards = isinstance(dataset, LatentShardDataset)
     if shards:
         channels, _, sample_size = dataset.latent_shape
         needs = (num_classes, channels, sample_size, dataset.text_embedding_dim)
     else:
         channels = dataset[0]["pixel_values"].shape[0]
-        needs = (num_classes, channels, args.resolution, None)
-    if args.pretrained_model_name_or_path or args.finetune:
-        model = finetuning_model(args, accelerator, *needs)
+        needs = (num_classes, channels, config.resolution, None)
+    if config.pretrained_model_name_or_path or config.finetune:
+        model = finetuning_model(config, accelerator, *needs)
     else:
-        model = build_model(args, *needs)
+        model = build_model(config, *needs)
     use_text = shards and dataset.has_text
     if getattr(model.config, "cross_attention_dim", None) is not None and not use_text:
         raise ValueError(
@@ -464,64 +394,167 @@ def train(args) -> TrainResult:
             "training/prepare_latents.py --webdataset_urls ... and pass --train_shards, or drop "
             "cross_attention_dim from the model config."
         )
-    use_aux = shards and getattr(model.config, "use_aux_conditions", False)
+    if config.patch_regularization_weight and not hasattr(model, "core_unpatch"):
+        raise ValueError(
+            "--patch_regularization_weight needs an MDiT (it regularises the core un-patch "
+            f"output); {type(model).__name__} has none."
+        )
     # The pipeline's other components, for validation grids and the final pipeline.
     components, prompts = {}, None
     if shards and accelerator.is_main_process:
-        components["vae"] = dataset.load_vae(args.pretrained_vae_model_name_or_path)
+        components["vae"] = dataset.load_vae(config.pretrained_vae_model_name_or_path)
         if use_text:
-            encoder, tokenizer = dataset.load_text_encoder(args.text_encoder_name_or_path)
+            encoder, tokenizer = dataset.load_text_encoder(config.text_encoder_name_or_path)
             components.update(text_encoder=encoder, tokenizer=tokenizer)
-            prompts = args.validation_prompts or [
+            prompts = config.validation_prompts or [
                 dataset.caption(i) for i in range(min(4, len(dataset)))
             ]
-    if args.gradient_checkpointing:
+    if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    kwargs = {} if args.prediction_type == "flow" else {"snr_gamma": args.snr_gamma}
-    if args.prediction_type == "epsilon":
-        kwargs["learned_variance"] = args.learned_variance
-    objective = make_objective(args.prediction_type, **kwargs)
+    kwargs = {} if config.prediction_type == "flow" else {"snr_gamma": config.snr_gamma}
+    if config.prediction_type == "epsilon":
+        kwargs["learned_variance"] = config.learned_variance
+    objective = make_objective(config.prediction_type, **kwargs)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
     )
     lr_scheduler = get_scheduler(
-        "constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps
+        "constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps
     )
     ema = None
-    if args.use_ema:
+    if config.use_ema:
         ema = EMAModel(
-            trainable,
-            decay=args.ema_decay,
-            model_cls=type(model),
-            model_config=model.config,
+            trainable, decay=config.ema_decay, model_cls=type(model), model_config=model.config
         )
+    unwrapped = model
+    if config.torch_compile:
+        model = torch.compile(model)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    checkpointed = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-        checkpointed["ema"] = ema
-    unwrapped = accelerator.unwrap_model(model)
-    settings = run_settings(args, accelerator)
+    return TrainingRun(
+        config=config, accelerator=accelerator, dataset=dataset, num_classes=num_classes,
+        model=model, unwrapped=unwrapped, objective=objective, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, ema=ema, trainable=trainable, use_text=use_text,
+        use_aux=shards and getattr(unwrapped.config, "use_aux_conditions", False),
+        components=components, prompts=prompts,
+    )  # fmt: skip
 
-    start = 0
-    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        state = load_checkpoint(accelerator, resume, checkpointed)
-        start = state["step"]
-        changes = check_resume_settings(state.get("settings"), settings, resume)
-        if "learning_rate" in changes:
-            set_learning_rate(optimizer, lr_scheduler, args.learning_rate)
-        for key, (old, new) in changes.items():
-            accelerator.print(f"Resuming with --{key} {new!r} (the checkpoint's run had {old!r}).")
-        accelerator.print(f"Resumed from {resume} at step {start}.")
+
+def resume(run: TrainingRun, settings: dict) -> tuple[int, str | None]:
+    """The step to start at and the checkpoint resumed from (``None``: a fresh run). Settings
+    that may change on resume (the learning rate, ...) are applied and logged."""
+    config, accelerator = run.config, run.accelerator
+    path = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if path is None:
+        return 0, None
+    state = load_checkpoint(accelerator, path, run.checkpointed)
+    changes = check_resume_settings(state.get("settings"), settings, path)
+    if "learning_rate" in changes:
+        set_learning_rate(run.optimizer, run.lr_scheduler, config.learning_rate)
+    for key, (old, new) in changes.items():
+        accelerator.print(f"Resuming with --{key} {new!r} (the checkpoint's run had {old!r}).")
+    accelerator.print(f"Resumed from {path} at step {state['step']}.")
+    return state["step"], path
+
+
+def model_inputs(run: TrainingRun, batch: dict, ids: list[int], generator: torch.Generator):
+    """One global batch's data to the model's inputs (like DiT's ``model_kwargs``): the noisy
+    sample and timesteps of the objective, and every condition with its dropout (labels, aux
+    values, text). Draws are made for the global batch from the step ``generator`` and sliced to
+    this process's share, so one process with the same global batch sees exactly what all
+    processes together see. Returns ``(noisy_batch, model_kwargs)``."""
+    config, device, share = run.config, run.accelerator.device, run.share
+    x0 = batch["latents" if run.shards else "pixel_values"].to(device, non_blocking=True)
+    noisy = run.objective.prepare(x0, generator, share, run.global_batch)
+    kwargs: dict[str, Any] = {"class_labels": None}
+    if run.num_classes:
+        labels = torch.tensor([run.dataset.label(i) for i in ids])
+        labels = drop_labels(labels, run.num_classes, config.label_dropout, generator)
+        kwargs["class_labels"] = labels[share].to(device)
+    if run.use_aux:
+        scale, aspect = drop_aux_conditions(
+            *run.dataset.aux_conditions(ids), config.aux_dropout, generator
+        )
+        kwargs["image_scale"] = scale[share].to(device)
+        kwargs["aspect_ratio"] = aspect[share].to(device)
+    if run.use_text:
+        states, mask = drop_text_conditions(
+            batch["encoder_hidden_states"], batch["encoder_attention_mask"],
+            config.caption_dropout, generator, share, run.global_batch,
+        )  # fmt: skip
+        kwargs["encoder_hidden_states"] = states.to(device)
+        kwargs["encoder_attention_mask"] = mask.to(device)
+    return noisy, kwargs
+
+
+def train_step(run: TrainingRun, step: int, batches, capture) -> dict[str, torch.Tensor]:
+    """One optimizer step (``--gradient_accumulation_steps`` micro-batches); returns the last
+    micro-batch's losses."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    micro_batches = config.gradient_accumulation_steps
+    for micro in range(micro_batches):
+        index = step * micro_batches + micro
+        generator = step_generator(config.seed, index)
+        ids = batch_indices(len(run.dataset), run.global_batch, index, config.seed)
+        batch = next(batches)
+        if batch["index"].tolist() != ids[run.share]:
+            raise RuntimeError("The data loader is out of step with the training loop.")
+        noisy, kwargs = model_inputs(run, batch, ids, generator)
+        with accelerator.accumulate(model):
+            timesteps = noisy.model_timesteps.to(accelerator.device)
+            output = model(noisy.noisy, timesteps, **kwargs).sample
+            activation = capture.take() if capture is not None else None
+            patch_weight = scheduled_weight(
+                config.patch_regularization_weight, step, config.patch_regularization_stop_step
+            )
+            losses = training_losses(
+                run.objective,
+                output,
+                noisy,
+                variance_matching_weight=scheduled_weight(
+                    config.variance_matching_weight, step, config.variance_matching_stop_step
+                ),
+                patch_activation=activation if patch_weight else None,
+                patch_weight=patch_weight,
+            )
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"Non-finite loss ({loss.item()}) at step {step}. The last good "
+                    f"checkpoint in {config.output_dir} is kept; lower the learning rate "
+                    "or use --mixed_precision no, then --resume_from_checkpoint latest."
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(run.trainable)
+    return losses
+
+
+def train(config: TrainingConfig | argparse.Namespace) -> TrainResult:
+    """Run (or resume) training as configured (see :class:`.config.TrainingConfig`): set up,
+    resume, loop over steps (checkpoints, validation grids, SIGTERM/SIGINT: save and stop),
+    then save the final pipeline."""
+    if isinstance(config, argparse.Namespace):
+        config = TrainingConfig.from_namespace(config)
+    # 1. Set up, and resume from a checkpoint.
+    run = setup(config)
+    accelerator = run.accelerator
+    settings = run_settings(config, accelerator)
+    start, checkpoint = resume(run, settings)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        accelerator.init_trackers("mdit", config={k: str(v) for k, v in vars(args).items()})
+        os.makedirs(config.output_dir, exist_ok=True)
+        accelerator.init_trackers("mdit", config={k: str(v) for k, v in settings.items()})
 
     def request_stop(signum, frame):
         # accelerate's trigger is all-reduced by check_trigger(): every process stops after the
@@ -529,121 +562,48 @@ def train(args) -> TrainResult:
         accelerator.set_trigger()
 
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    global_batch = args.train_batch_size * accelerator.num_processes
-    micro_batches = args.gradient_accumulation_steps
     progress = tqdm(
-        total=args.max_train_steps,
+        total=config.max_train_steps,
         initial=start,
         disable=not accelerator.is_local_main_process,
         desc="training",
     )
-    if args.patch_regularization_weight and not hasattr(unwrapped, "core_unpatch"):
-        raise ValueError(
-            "--patch_regularization_weight needs an MDiT (it regularises the core un-patch "
-            f"output); {type(unwrapped).__name__} has none."
-        )
-    capture = None
-    if args.patch_regularization_weight:
-        capture = ActivationCapture(unwrapped.core_unpatch)
-    step, loss_value, checkpoint = start, float("nan"), resume
-    share = slice(
-        accelerator.process_index * args.train_batch_size,
-        (accelerator.process_index + 1) * args.train_batch_size,
+    capture = (
+        ActivationCapture(run.unwrapped.core_unpatch)
+        if config.patch_regularization_weight
+        else None
     )
+    micro_batches = config.gradient_accumulation_steps
     pin = accelerator.device.type == "cuda"
     loader = training_loader(
-        dataset, global_batch, args.seed, start * micro_batches,
-        args.max_train_steps * micro_batches, share, args.random_flip,
-        num_workers=args.dataloader_num_workers, pin_memory=pin,
+        run.dataset, run.global_batch, config.seed, start * micro_batches,
+        config.max_train_steps * micro_batches, run.share, config.random_flip,
+        num_workers=config.dataloader_num_workers, pin_memory=pin,
     )  # fmt: skip
     batches = iter(loader)
+
+    def save(step: int) -> str:
+        return save_checkpoint(
+            accelerator, config.output_dir, step, run.checkpointed, {"settings": settings},
+            total_limit=config.checkpoints_total_limit,
+        )  # fmt: skip
+
+    # 2. The loop.
+    step, loss_value = start, float("nan")
     try:
-        while step < args.max_train_steps and not accelerator.check_trigger():
-            for micro in range(micro_batches):
-                index = step * micro_batches + micro
-                # Draws are made for the global batch and sliced: one process with the
-                # same global batch sees exactly what all processes together see.
-                generator = step_generator(args.seed, index)
-                ids = batch_indices(len(dataset), global_batch, index, args.seed)
-                batch = next(batches)
-                if batch["index"].tolist() != ids[share]:
-                    raise RuntimeError("The data loader is out of step with the training loop.")
-                key = "latents" if shards else "pixel_values"
-                x0 = batch[key].to(accelerator.device, non_blocking=pin)
-                noisy = objective.prepare(x0, generator, share, global_batch)
-                labels = None
-                if num_classes:
-                    labels = torch.tensor([dataset.label(i) for i in ids])
-                    labels = drop_labels(labels, num_classes, args.label_dropout, generator)
-                    labels = labels[share].to(accelerator.device)
-                conditions = {}
-                if use_aux:
-                    scale, aspect = drop_aux_conditions(
-                        *dataset.aux_conditions(ids), args.aux_dropout, generator
-                    )
-                    conditions["image_scale"] = scale[share].to(accelerator.device)
-                    conditions["aspect_ratio"] = aspect[share].to(accelerator.device)
-                if use_text:
-                    states, mask = drop_text_conditions(
-                        batch["encoder_hidden_states"], batch["encoder_attention_mask"],
-                        args.caption_dropout, generator, share, global_batch,
-                    )  # fmt: skip
-                    conditions["encoder_hidden_states"] = states.to(accelerator.device)
-                    conditions["encoder_attention_mask"] = mask.to(accelerator.device)
-                with accelerator.accumulate(model):
-                    output = model(
-                        noisy.noisy, noisy.model_timesteps.to(accelerator.device),
-                        class_labels=labels, **conditions,
-                    ).sample  # fmt: skip
-                    activation = capture.take() if capture is not None else None
-                    patch_weight = scheduled_weight(
-                        args.patch_regularization_weight, step, args.patch_regularization_stop_step
-                    )
-                    losses = training_losses(
-                        objective,
-                        output,
-                        noisy,
-                        variance_matching_weight=scheduled_weight(
-                            args.variance_matching_weight, step, args.variance_matching_stop_step
-                        ),
-                        patch_activation=activation if patch_weight else None,
-                        patch_weight=patch_weight,
-                    )
-                    loss = losses["loss"]
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"Non-finite loss ({loss.item()}) at step {step}. The last good "
-                            f"checkpoint in {args.output_dir} is kept; lower the learning rate "
-                            "or use --mixed_precision no, then --resume_from_checkpoint latest."
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(trainable)
+        while step < config.max_train_steps and not accelerator.check_trigger():
+            losses = train_step(run, step, batches, capture)
             step += 1
-            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+            loss_value = accelerator.gather(losses["loss"].detach()[None]).mean().item()
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}")
             accelerator.log({k: v.item() for k, v in losses.items()}, step=step)
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                checkpoint = save_checkpoint(
-                    accelerator, args.output_dir, step, checkpointed, {"settings": settings},
-                    total_limit=args.checkpoints_total_limit,
-                )  # fmt: skip
-            if args.validation_steps and step % args.validation_steps == 0:
-                validate(
-                    args, accelerator, unwrapped, ema, objective, num_classes, step,
-                    components, prompts,
-                )  # fmt: skip
-        if step < args.max_train_steps or step % max(args.checkpointing_steps, 1):
-            checkpoint = save_checkpoint(
-                accelerator, args.output_dir, step, checkpointed, {"settings": settings},
-                total_limit=args.checkpoints_total_limit,
-            )  # fmt: skip
+            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+                checkpoint = save(step)
+            if config.validation_steps and step % config.validation_steps == 0:
+                validate(run, step)
+        if step < config.max_train_steps or step % max(config.checkpointing_steps, 1):
+            checkpoint = save(step)
     finally:
         if capture is not None:
             capture.remove()
@@ -651,25 +611,26 @@ def train(args) -> TrainResult:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    pipeline_dir = args.output_dir
-    if step >= args.max_train_steps and accelerator.is_main_process:
-        pipe = final_pipeline(unwrapped, ema, objective, **components)
-        save_final(pipe, pipeline_dir, lora=args.finetune == "lora")
-        if args.push_to_hub:
+    # 3. The final pipeline.
+    finished = step >= config.max_train_steps
+    if finished and accelerator.is_main_process:
+        pipe = final_pipeline(run.unwrapped, run.ema, run.objective, **run.components)
+        save_final(pipe, config.output_dir, lora=config.finetune == "lora")
+        if config.push_to_hub:
             pipe.push_to_hub(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                training_data=args.train_shards or args.train_data_dir or args.dataset_name,
+                config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir)),
+                training_data=config.train_shards or config.train_data_dir or config.dataset_name,
                 training_steps=step,
                 existing_model_card="keep",  # an existing README is the user's: never replaced
             )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(
-        pipeline_dir=pipeline_dir,
+        pipeline_dir=config.output_dir,
         final_loss=loss_value,
         steps=step,
-        trainable_parameters=sum(p.numel() for p in trainable),
-        finished=step >= args.max_train_steps,
+        trainable_parameters=sum(p.numel() for p in run.trainable),
+        finished=finished,
         checkpoint_dir=checkpoint,
     )
 
@@ -785,15 +746,17 @@ def final_pipeline(model, ema, objective, vae=None, text_encoder=None, tokenizer
 
 
 @torch.no_grad()
-def validate(
-    args, accelerator, model, ema, objective, num_classes, step, components=None, prompts=None
-) -> None:
+def validate(run: TrainingRun, step: int) -> None:
     """A sample grid (one row per class or prompt) as ``samples/step-<step>.png``."""
-    if not accelerator.is_main_process:
+    if not run.accelerator.is_main_process:
         return
-    pipe = final_pipeline(model, ema, objective, **(components or {})).to(accelerator.device)
-    images = sample_grid(pipe, num_classes, 8, args.num_validation_steps, args.seed, prompts)
-    folder = os.path.join(args.output_dir, "samples")
+    pipe = final_pipeline(run.unwrapped, run.ema, run.objective, **run.components)
+    pipe = pipe.to(run.accelerator.device)
+    config = run.config
+    images = sample_grid(
+        pipe, run.num_classes, 8, config.num_validation_steps, config.seed, run.prompts
+    )
+    folder = os.path.join(config.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
-    rows = len(prompts) if prompts else num_classes or 10
+    rows = len(run.prompts) if run.prompts else run.num_classes or 10
     save_grid(images, rows, os.path.join(folder, f"step-{step:06d}.png"))
