@@ -3,12 +3,20 @@ or silent garbage (issue 22)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from diffusers_mdit.lora import get_lora_metadata, get_lora_state_dict, lora_config
 from diffusers_mdit.models import (
@@ -25,8 +33,11 @@ from diffusers_mdit.testing import (
     tiny_mdit,
     tiny_text_encoder,
 )
+from diffusers_mdit.training import checkpointing
+from diffusers_mdit.training.checkpointing import list_checkpoints
 from diffusers_mdit.training.data import ImageDataset
 from diffusers_mdit.training.shards import INDEX_DTYPE, LatentShardDataset
+from diffusers_mdit.training.trainer import add_arguments, train
 
 TINY_DIFFIT = dict(sample_size=8, hidden_size=32, num_layers=1, num_attention_heads=2)
 
@@ -281,3 +292,293 @@ def test_console_scripts_print_user_errors_without_traceback(tmp_path, capsys):
 
 
 # ============================================================================================
+
+
+# ============================================================================================
+# Points 1-4 and 6: no pickle in or from checkpoints, settings checked on resume, SIGTERM under
+# accelerate launch, incomplete weights, full disks and atomic pruning / pipeline saves.
+# ============================================================================================
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(ROOT, "training", "train_mdit.py")
+
+
+def run_flags(tmp_path, output, **extra) -> list[str]:
+    config = tmp_path / "tiny-mdit.json"
+    config.write_text(json.dumps(TINY_MDIT))
+    values = dict(output_dir=output, model_config=config, resolution=8, train_batch_size=8,
+                  max_train_steps=3, checkpointing_steps=3, learning_rate=2e-3,
+                  report_to="none", use_ema=None, ema_decay=0.9, seed=3)  # fmt: skip
+    values.update(extra)
+    argv = []
+    for key, value in values.items():
+        argv += [f"--{key}"] if value is None else [f"--{key}", str(value)]
+    return argv
+
+
+def run(tmp_path, output, **extra):
+    import argparse
+
+    return train(
+        add_arguments(argparse.ArgumentParser()).parse_args(run_flags(tmp_path, output, **extra))
+    )
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_ema_checkpoints_hold_no_pickle_and_a_planted_pickle_is_refused(tmp_path):
+    run(tmp_path, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    files = sorted(os.listdir(checkpoint))
+    assert all(name.endswith((".safetensors", ".json")) for name in files), files
+    assert "ema.safetensors" in files  # the EMA is saved, as tensors
+    marker = tmp_path / "code-ran"
+    with open(checkpoint / "custom_checkpoint_0.pkl", "wb") as f:
+        pickle.dump(_Payload(str(marker)), f)
+    with pytest.raises(ValueError, match=r"pickle files \(custom_checkpoint_0.pkl\)"):
+        run(tmp_path, tmp_path / "run", max_train_steps=4, resume_from_checkpoint="latest")
+    assert not marker.exists()
+
+
+def test_checkpoint_state_round_trips_exactly(tmp_path):
+    """Optimizer, schedule and EMA come back identical (tensors bit for bit, the rest equal)."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    def build():
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
+        schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=5)
+        ema = EMAModel(model.parameters(), decay=0.9)
+        model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+        return accelerator, dict(model=model, optimizer=optimizer, lr_scheduler=schedule, ema=ema)
+
+    accelerator, saved = build()
+    for _ in range(2):
+        saved["model"](torch.ones(4, 3)).square().mean().backward()
+        saved["optimizer"].step()
+        saved["lr_scheduler"].step()
+        saved["ema"].step(saved["model"].parameters())
+    torch.manual_seed(5)
+    checkpointing.save_checkpoint(accelerator, str(tmp_path), 2, saved)
+    expected_draw = torch.rand(3)
+    _, loaded = build()
+    checkpointing.load_checkpoint(accelerator, str(tmp_path / "checkpoint-2"), loaded)
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG state came back
+    a, b = saved["optimizer"].state_dict(), loaded["optimizer"].state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for index in a["state"]:
+        for key, value in a["state"][index].items():
+            assert torch.equal(value, b["state"][index][key])
+    assert saved["lr_scheduler"].state_dict() == loaded["lr_scheduler"].state_dict()
+    ema_a, ema_b = saved["ema"].state_dict(), loaded["ema"].state_dict()
+    for x, y in zip(ema_a.pop("shadow_params"), ema_b.pop("shadow_params"), strict=True):
+        assert torch.equal(x, y)
+    assert ema_a == ema_b
+
+
+@pytest.mark.parametrize(
+    "changed, flag",
+    [
+        (dict(train_batch_size=4), "global batch"),
+        (dict(prediction_type="epsilon"), "--prediction_type 'x0' -> 'epsilon'"),
+        (dict(resolution=16), "--resolution 8 -> 16"),
+        (dict(seed=4), "--seed 3 -> 4"),
+    ],
+)
+def test_resume_refuses_settings_that_break_exactness(tmp_path, changed, flag):
+    run(tmp_path, tmp_path / "run")
+    with pytest.raises(
+        ValueError, match=f"Cannot resume .* {flag}".replace("(", r"\(").replace(")", r"\)")
+    ):
+        run(
+            tmp_path,
+            tmp_path / "run",
+            max_train_steps=4,
+            resume_from_checkpoint="latest",
+            **changed,
+        )
+
+
+def _optimizer_learning_rate(checkpoint) -> float:
+    tree = json.loads((checkpoint / "optimizer.json").read_text())
+    state = checkpointing._decode(tree, load_file(checkpoint / "optimizer.safetensors"))
+    return state["param_groups"][0]["lr"]
+
+
+def test_resume_applies_and_logs_a_new_learning_rate(tmp_path, capsys):
+    run(tmp_path, tmp_path / "run", max_train_steps=3)
+    assert _optimizer_learning_rate(tmp_path / "run" / "checkpoint-3") == 2e-3
+    result = run(tmp_path, tmp_path / "run", max_train_steps=5, checkpointing_steps=5,
+                 learning_rate=5e-4, resume_from_checkpoint="latest")  # fmt: skip
+    assert result.steps == 5
+    assert _optimizer_learning_rate(tmp_path / "run" / "checkpoint-5") == 5e-4
+    assert "--learning_rate 0.0005 (the checkpoint's run had 0.002)" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "run" / "checkpoint-5" / "training_state.json").read_text())
+    assert settings["settings"]["learning_rate"] == 5e-4
+
+
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigterm_to_accelerate_launch_saves_a_checkpoint(tmp_path):
+    out = tmp_path / "launched"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "OMP_NUM_THREADS": "1"}
+    argv = run_flags(tmp_path, out, max_train_steps=100_000, checkpointing_steps=100_000)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as stderr:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+             TRAIN_SCRIPT, *argv],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    deadline = time.time() + 300
+    while "it/s" not in log.read_text() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # until the trainer has set up (its progress bar appears)
+    assert launcher.poll() is None, log.read_text()[-3000:]
+    trainer = [pid for pid in _processes_with(str(out)) if pid != launcher.pid]
+    assert trainer, "the trainer is not running"
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=60)  # accelerate's launcher itself dies of the signal
+    while _processes_with(str(out)) and time.time() < deadline:  # the trainer saves and exits
+        time.sleep(0.1)
+    assert not _processes_with(str(out)), "the trainer kept running after its launcher died"
+    checkpoints = list_checkpoints(str(out))
+    assert len(checkpoints) == 1 and checkpoints[0][0] > 0
+    assert not (out / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "mis-shaped"])
+def test_from_pretrained_refuses_incomplete_weights(tmp_path, damage):
+    from diffusers_mdit import MDiTTransformer2DModel
+
+    tiny_mdit().save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[3]
+    if damage == "missing":
+        del tensors[name]
+    else:
+        tensors[name] = torch.zeros(tensors[name].numel() + 1)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{damage} \\(1\\): {name}"):
+        MDiTTransformer2DModel.from_pretrained(
+            tmp_path, low_cpu_mem_usage=False, ignore_mismatched_sizes=True
+        )
+    if damage == "missing":  # diffusers' default path too (it leaves the tensor on meta)
+        with pytest.raises(ValueError, match=name):
+            MDiTTransformer2DModel.from_pretrained(tmp_path)
+
+
+@pytest.fixture
+def saved_once(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objects = dict(model=model, optimizer=optimizer)
+    checkpointing.save_checkpoint(accelerator, str(tmp_path), 1, objects)
+    return accelerator, objects
+
+
+def test_a_full_disk_is_reported_before_writing(tmp_path, saved_once, monkeypatch):
+    accelerator, objects = saved_once
+    usage = checkpointing.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda _: usage._replace(free=2**20))
+    with pytest.raises(OSError, match="Not enough disk space for checkpoint-2"):
+        checkpointing.save_checkpoint(accelerator, str(tmp_path), 2, objects)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+
+
+def test_a_write_failing_with_enospc_removes_its_folder(tmp_path, saved_once, monkeypatch):
+    accelerator, objects = saved_once
+
+    def disk_full(tensors, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "save_file", disk_full)
+    with pytest.raises(OSError, match="Could not write checkpoint-2 .*No space left on device"):
+        checkpointing.save_checkpoint(accelerator, str(tmp_path), 2, objects)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(
+    tmp_path, saved_once, monkeypatch
+):
+    accelerator, objects = saved_once
+    real_rmtree = checkpointing.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        # Delete everything but the state file, then die: what a SIGKILL during rmtree leaves.
+        for name in os.listdir(path):
+            if name != checkpointing.STATE_FILE:
+                os.remove(os.path.join(path, name))
+        raise KeyboardInterrupt("killed while pruning")
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(accelerator, str(tmp_path), 2, objects, total_limit=1)
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2]
+    checkpointing.load_checkpoint(accelerator, str(tmp_path / "checkpoint-2"), objects)
+
+
+def test_a_failed_pipeline_save_leaves_no_partial_pipeline(tmp_path, monkeypatch):
+    from diffusers import DDIMScheduler
+
+    from diffusers_mdit import MDiTPipeline
+    from diffusers_mdit.training.trainer import save_final
+
+    pipe = MDiTPipeline(transformer=tiny_mdit(), scheduler=DDIMScheduler())
+    real = type(pipe.transformer).save_pretrained
+
+    def disk_full(self, directory, *args, **kwargs):
+        real(self, directory, *args, **kwargs)  # the weights are written, then the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(pipe.transformer), "save_pretrained", disk_full)
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(OSError, match="Could not save the pipeline .*No space left on device"):
+        save_final(pipe, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3"]
+    monkeypatch.undo()
+    save_final(pipe, str(tmp_path))
+    assert MDiTPipeline.from_pretrained(tmp_path).transformer is not None
+
+
+def test_an_odd_resolution_on_an_image_folder_names_the_flag_not_shards(tmp_path):
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(ValueError, match=r"^--resolution 18 must be a multiple of") as error:
+        run(tmp_path, tmp_path / "run", train_data_dir=tmp_path / "images", resolution=18,
+            train_batch_size=2)  # fmt: skip
+    assert "shard" not in str(error.value)
