@@ -107,7 +107,15 @@ def test_default_targets_of_diffit_models(model):
         n
         for n in linear_names(model)
         if n.endswith(
-            ("attn.to_qkv", "attn.time_to_qkv", "attn.to_out", "mlp.net.0.proj", "mlp.net.2")
+            (
+                "attn.to_q",
+                "attn.to_k",
+                "attn.to_v",
+                "attn.time_to_qkv",
+                "attn.to_out.0",
+                "mlp.net.0.proj",
+                "mlp.net.2",
+            )
         )
         and not n.startswith("time_token")
     }
@@ -122,7 +130,7 @@ def test_groups_and_module_names_select_targets():
     cross = {
         f"core_blocks.{i}.cross_attn.{p}"
         for i in (0, 1)
-        for p in ("to_q", "to_k_cond", "to_v_cond", "to_k_time", "to_v_time", "to_out")
+        for p in ("to_q", "to_k", "to_v", "to_k_time", "to_v_time", "to_out.0")
     }
     assert adapted_modules(model) == cross | {"proj_in"}
 

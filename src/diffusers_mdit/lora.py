@@ -31,23 +31,22 @@ logger = logging.get_logger(__name__)
 # dot, so ``attn.to_q`` is the self-attention's and not ``cross_attn.to_q``.
 LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     # Self-attention of every block: MDiT's outer, core and aggregate blocks (Q, K, V, O) and
-    # DiffiT's TMSA (the fused spatial QKV, the time token's QKV, O).
+    # DiffiT's TMSA (the spatial Q, K, V, the time token's fused QKV, O).
     "attention": (
         "attn.to_q",
         "attn.to_k",
         "attn.to_v",
-        "attn.to_out",
-        "attn.to_qkv",
+        "attn.to_out.0",
         "attn.time_to_qkv",
     ),
     # MDiT core blocks' cross-attention over [null, condition tokens, time token] (eq. 5).
     "cross_attention": (
         "cross_attn.to_q",
-        "cross_attn.to_k_cond",
-        "cross_attn.to_v_cond",
+        "cross_attn.to_k",
+        "cross_attn.to_v",
         "cross_attn.to_k_time",
         "cross_attn.to_v_time",
-        "cross_attn.to_out",
+        "cross_attn.to_out.0",
     ),
     # Input (GeGLU / GELU) and output projections of every block's feed-forward.
     "feed_forward": ("ff.net.0.proj", "ff.net.2", "mlp.net.0.proj", "mlp.net.2"),

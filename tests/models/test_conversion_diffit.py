@@ -101,7 +101,9 @@ def test_folding_and_row_permutation_are_both_needed(tmp_path):
     for broken in ("fold", "permute"):
         wrong = dict(converted)
         if broken == "fold":
-            wrong["blocks.0.attn.to_qkv.bias"] = state["blocks.0.attn.qkv.bias"]
+            unfolded = state["blocks.0.attn.qkv.bias"].chunk(3)
+            for name, part in zip("qkv", unfolded, strict=True):
+                wrong[f"blocks.0.attn.to_{name}.bias"] = part
         else:
             wrong["proj_out.weight"] = state["final_layer.linear.weight"]
         model.load_state_dict(wrong)

@@ -52,7 +52,9 @@ def naive_tmsa(attn: TimeDependentSelfAttention, x, time_token, window):
     """Eq. 3-6 written out token by token for one window grid, as an independent reference."""
     batch, height, width, dim = x.shape
     heads, head_dim = attn.num_heads, dim // attn.num_heads
-    w_s, b_s = attn.to_qkv.weight, attn.to_qkv.bias
+    projections = (attn.to_q, attn.to_k, attn.to_v)
+    w_s = torch.cat([p.weight for p in projections])
+    b_s = torch.cat([p.bias for p in projections])
     w_t = attn.time_to_qkv.weight
     table = attn.relative_position_bias.table
     table_h, table_w = attn.relative_position_bias.size
@@ -80,7 +82,7 @@ def naive_tmsa(attn: TimeDependentSelfAttention, x, time_token, window):
                     )
                     scores = k[:, sl] @ q[sl] / head_dim**0.5 + bias
                     out[b, i, j, sl] = torch.softmax(scores, 0) @ v[:, sl]
-    return attn.to_out(out)
+    return attn.to_out[0](out)
 
 
 @pytest.mark.parametrize("window", [None, 2])

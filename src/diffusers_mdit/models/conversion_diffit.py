@@ -5,9 +5,10 @@ as :class:`~diffusers_mdit.DiffiTTransformer2DModel` weights, and the authors' s
 Their network is ours up to three conversions, each checked against the official code by
 ``tests/models/test_conversion_diffit.py`` (a fixture generated with it):
 
-- key names (:data:`TOP_LEVEL_KEYS`, :data:`BLOCK_KEYS`);
+- key names (:data:`TOP_LEVEL_KEYS`, :data:`BLOCK_KEYS`); their fused ``qkv`` is split into our
+  ``to_q``, ``to_k``, ``to_v`` (its rows are the three stacked);
 - their time projection ``qkv_temb`` has a bias, ours (``time_to_qkv``, eq. 3-5) has none: both
-  biases are added to every token's qkv, so theirs folds exactly into ``to_qkv.bias``;
+  biases are added to every token's qkv, so theirs folds exactly into the q/k/v biases;
 - their unpatchify reads the last linear's outputs as ``(p, q, c)``, ours as ``(c, p, q)``
   (:func:`~diffusers_mdit.models.layers.split_tokens`): ``proj_out``'s rows are permuted.
 
@@ -41,14 +42,14 @@ TOP_LEVEL_KEYS = {
     "final_layer.linear.weight": "proj_out.weight",
     "final_layer.linear.bias": "proj_out.bias",
 }
-# official name -> ours, inside ``blocks.<i>.``
-BLOCK_KEYS = {
-    "attn.qkv.weight": "attn.to_qkv.weight",
-    "attn.qkv.bias": "attn.to_qkv.bias",
+# official name -> ours, inside ``blocks.<i>.``; a tuple: the rows split in equal parts
+BLOCK_KEYS: dict[str, str | tuple[str, ...]] = {
+    "attn.qkv.weight": ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight"),
+    "attn.qkv.bias": ("attn.to_q.bias", "attn.to_k.bias", "attn.to_v.bias"),
     "attn.qkv_temb.weight": "attn.time_to_qkv.weight",
     "attn.relative_position_bias_table": "attn.relative_position_bias.table",
-    "attn.proj.weight": "attn.to_out.weight",
-    "attn.proj.bias": "attn.to_out.bias",
+    "attn.proj.weight": "attn.to_out.0.weight",
+    "attn.proj.bias": "attn.to_out.0.bias",
     "mlp.fc1.weight": "mlp.net.0.proj.weight",
     "mlp.fc1.bias": "mlp.net.0.proj.bias",
     "mlp.fc2.weight": "mlp.net.2.weight",
@@ -247,28 +248,34 @@ def convert_diffit_state_dict(
         )
 
     shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    names = dict(TOP_LEVEL_KEYS)
+    names: dict[str, tuple[str, ...]] = {k: (v,) for k, v in TOP_LEVEL_KEYS.items()}
     for i in range(config.num_layers):
         for official, target in BLOCK_KEYS.items():
-            names[f"blocks.{i}.{official}"] = f"blocks.{i}.{target}"
-        names[f"blocks.{i}.{FOLDED_BLOCK_KEY}"] = f"blocks.{i}.attn.to_qkv.bias"
+            targets = (target,) if isinstance(target, str) else target
+            names[f"blocks.{i}.{official}"] = tuple(f"blocks.{i}.{t}" for t in targets)
+        names[f"blocks.{i}.{FOLDED_BLOCK_KEY}"] = names[f"blocks.{i}.attn.qkv.bias"]
+
+    def expected_shape(targets: tuple[str, ...]) -> tuple[int, ...]:
+        first, *rest = shapes[targets[0]]
+        return (first * len(targets), *rest)
+
     mis_shaped = [
-        f"{official} {tuple(state_dict[official].shape)} (expected {shapes[target]})"
-        for official, target in names.items()
-        if tuple(state_dict[official].shape) != shapes[target]
+        f"{official} {tuple(state_dict[official].shape)} (expected {expected_shape(targets)})"
+        for official, targets in names.items()
+        if tuple(state_dict[official].shape) != expected_shape(targets)
     ]
     if mis_shaped:
         raise ValueError(f"Mis-shaped tensor(s) in the DiffiT checkpoint: {mis_shaped}.")
 
-    converted = {
-        target: state_dict[official]
-        for official, target in names.items()
-        if not official.endswith(FOLDED_BLOCK_KEY)
-    }
-    for i in range(config.num_layers):
-        converted[f"blocks.{i}.attn.to_qkv.bias"] = (
-            state_dict[f"blocks.{i}.attn.qkv.bias"] + state_dict[f"blocks.{i}.{FOLDED_BLOCK_KEY}"]
-        )
+    converted = {}
+    for official, targets in names.items():
+        if official.endswith(FOLDED_BLOCK_KEY):
+            continue
+        value = state_dict[official]
+        if official.endswith("attn.qkv.bias"):
+            value = value + state_dict[official.replace("attn.qkv.bias", FOLDED_BLOCK_KEY)]
+        for target, part in zip(targets, value.chunk(len(targets)), strict=True):
+            converted[target] = part.contiguous()
     for name in ("weight", "bias"):
         converted[f"proj_out.{name}"] = output_rows_to_ours(
             converted[f"proj_out.{name}"], config.patch_size

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -39,6 +40,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..hub import HubModelMixin
+from .attention import AttentionModelMixin, lora_scale
 from .conversion_diffit import FromOriginalDiffiTMixin
 from .layers import split_tokens
 from .presets import PresetMixin, register_presets
@@ -107,10 +109,52 @@ def window_merge(x: torch.Tensor, window: tuple[int, int], height: int, width: i
     return x.reshape(-1, height, width, c)
 
 
-class TimeDependentSelfAttention(nn.Module):
+class TMSAProcessor:
+    """Default processor of :class:`TimeDependentSelfAttention` (eq. 3-6): attention with the
+    relative position bias through diffusers' dispatcher, in the model's dtype as the authors'
+    code computes it (a chosen backend must accept an additive float mask)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: TimeDependentSelfAttention,
+        hidden_states: torch.Tensor,
+        time_token: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = hidden_states
+        batch, height, width, dim = x.shape
+        window = (height, width) if attn.window_size is None else (attn.window_size,) * 2
+        if height % window[0] or width % window[1]:
+            raise ValueError(
+                f"A {height}x{width} token grid cannot be cut into {window[0]}x{window[1]} "
+                "TMSA windows; the input size must make every level's grid a multiple of its "
+                "window."
+            )
+        if attn.fused_projections:
+            qkv = attn.to_qkv(x)
+        else:
+            qkv = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1)
+        if attn.time_to_qkv is not None:  # None: adaLN blocks condition outside the attention
+            qkv = qkv + attn.time_to_qkv(time_token)[:, None, None, :]
+        qkv = window_partition(qkv, window)
+        q, k, v = qkv.unflatten(-1, (3, attn.num_heads, -1)).unbind(2)  # (B', N, heads, D)
+        bias = attn.relative_position_bias(*window).to(q.dtype)
+        backend = self._attention_backend
+        out = dispatch_attention_fn(q, k, v, attn_mask=bias[None], backend=backend)
+        out = window_merge(out.flatten(2), window, height, width)
+        return attn.to_out[0](out)
+
+
+class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
     """TMSA (eq. 3-6): the time token is projected to query, key and value and added to every
     spatial token's projections; attention with a relative position bias, globally or inside
     non-overlapping windows.
+
+    The spatial projections ``W_qs``, ``W_ks``, ``W_vs`` are ``to_q``, ``to_k``, ``to_v`` and the
+    output ``to_out.0`` (diffusers' names); the time projections ``W_qt``, ``W_kt``, ``W_vt``
+    stay one fused ``time_to_qkv`` (a single ``(B, 3 dim)`` row per sample).
 
     Args:
         dim: Token channels.
@@ -121,6 +165,10 @@ class TimeDependentSelfAttention(nn.Module):
             grid at the training size for global attention.
         qkv_bias: Bias on the spatial projections (as in DiT / ViT).
     """
+
+    _default_processor_cls = TMSAProcessor
+    _available_processors = [TMSAProcessor]
+    is_cross_attention = False
 
     def __init__(
         self,
@@ -136,30 +184,18 @@ class TimeDependentSelfAttention(nn.Module):
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}.")
         self.num_heads = num_heads
         self.window_size = window_size
-        self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # W_qs, W_ks, W_vs
+        self.use_bias = qkv_bias
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.time_to_qkv = nn.Linear(time_dim, 3 * dim, bias=False)  # W_qt, W_kt, W_vt
         self.relative_position_bias = RelativePositionBias(bias_size, num_heads)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.set_processor(TMSAProcessor())
 
     def forward(self, x: torch.Tensor, time_token: torch.Tensor | None) -> torch.Tensor:
         """``x``: ``(B, H, W, dim)``; ``time_token``: ``(B, time_dim)``."""
-        batch, height, width, dim = x.shape
-        window = (height, width) if self.window_size is None else (self.window_size,) * 2
-        if height % window[0] or width % window[1]:
-            raise ValueError(
-                f"A {height}x{width} token grid cannot be cut into {window[0]}x{window[1]} "
-                "TMSA windows; the input size must make every level's grid a multiple of its "
-                "window."
-            )
-        qkv = self.to_qkv(x)
-        if self.time_to_qkv is not None:  # None: adaLN blocks condition outside the attention
-            qkv = qkv + self.time_to_qkv(time_token)[:, None, None, :]
-        qkv = window_partition(qkv, window)
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        bias = self.relative_position_bias(*window).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
-        out = window_merge(out.transpose(1, 2).flatten(2), window, height, width)
-        return self.to_out(out)
+        return self.processor(self, x, time_token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,8 +299,12 @@ class TimeToken(nn.Module):
         if num_classes > 0:
             self.class_embedding = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, timestep: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        features = self.frequencies(timestep).to(self.mlp.linear_1.weight.dtype)
+    def forward(
+        self, timestep: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``x_t`` ``(B, dim)`` with the MLP computing in ``dtype``, the model's compute dtype
+        (not the weights' storage dtype, which differs under layerwise casting)."""
+        features = self.frequencies(timestep).to(dtype)
         token = self.mlp(features)
         if self.num_classes > 0:
             labels = null_labels_if_missing(
@@ -288,7 +328,8 @@ class _DiffiTModelMixin:
         check_sample(hidden_states, config.in_channels, self.size_multiple, why)
         batch = hidden_states.shape[0]
         check_class_labels(class_labels, config.num_classes, batch)
-        return self.time_token(expand_timestep(timestep, batch, hidden_states.device), class_labels)
+        timestep = expand_timestep(timestep, batch, hidden_states.device)
+        return self.time_token(timestep, class_labels, self.dtype)
 
     def _run_block(self, block: nn.Module, *args):
         if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -303,6 +344,7 @@ class _DiffiTModelMixin:
 
 class DiffiTTransformer2DModel(
     HubModelMixin,
+    AttentionModelMixin,
     ModelMixin,
     ConfigMixin,
     PeftAdapterMixin,
@@ -326,6 +368,10 @@ class DiffiTTransformer2DModel(
 
     NVIDIA's released checkpoints load with :meth:`from_single_file`
     (:mod:`~diffusers_mdit.models.conversion_diffit`).
+
+    Not a diffusers ``CacheMixin``: its block hooks need the blocks registered in diffusers'
+    ``TransformerBlockRegistry`` with its (hidden_states, encoder_hidden_states) signatures,
+    while DiffiT blocks take ``(B, H, W, C)`` grids and the time token; untested, so not offered.
 
     Parameters:
         sample_size (`int`, defaults to 32): Training latent size; sets the extent of the
@@ -351,6 +397,7 @@ class DiffiTTransformer2DModel(
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTBlock"]
+    _repeated_blocks = ["DiffiTBlock"]
 
     @register_to_config
     def __init__(
@@ -439,6 +486,7 @@ class DiffiTTransformer2DModel(
         hidden_states: torch.Tensor,
         timestep: torch.Tensor | float | int,
         class_labels: torch.LongTensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """
@@ -448,6 +496,8 @@ class DiffiTTransformer2DModel(
             timestep: Diffusion timestep(s), scalar or ``(B,)``, in the scheduler's units.
             class_labels: ``(B,)`` labels in ``[0, num_classes]``; ``num_classes`` (or
                 ``None``) is the null label.
+            attention_kwargs: ``{"scale": s}`` scales the LoRA layers for this call (diffusers'
+                convention).
             return_dict: Return a ``Transformer2DModelOutput`` instead of a tuple.
 
         Returns:
@@ -462,10 +512,11 @@ class DiffiTTransformer2DModel(
         height, width = hidden_states.shape[-2:]
 
         grid = (height // config.patch_size, width // config.patch_size)
-        h = self.patch_embed(hidden_states).unflatten(1, grid)  # (B, h, w, C)
-        for block in self.blocks:
-            h = self._run_block(block, h, time_token)
-        out = self.proj_out(F.silu(self.norm_out(h)))
+        with lora_scale(self, attention_kwargs):
+            h = self.patch_embed(hidden_states).unflatten(1, grid)  # (B, h, w, C)
+            for block in self.blocks:
+                h = self._run_block(block, h, time_token)
+            out = self.proj_out(F.silu(self.norm_out(h)))
         out = split_tokens(out, config.patch_size).permute(0, 3, 1, 2)
 
         if not return_dict:
@@ -480,6 +531,7 @@ class DiffiTTransformer2DModel(
 
 class DiffiTUNet2DModel(
     HubModelMixin,
+    AttentionModelMixin,
     ModelMixin,
     ConfigMixin,
     PeftAdapterMixin,
@@ -532,6 +584,7 @@ class DiffiTUNet2DModel(
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTResBlock"]
+    _repeated_blocks = ["DiffiTResBlock"]
 
     @register_to_config
     def __init__(
@@ -636,31 +689,44 @@ class DiffiTUNet2DModel(
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
+        sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         class_labels: torch.LongTensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
-        """
+        """Arguments named as diffusers' U-Nets name them.
+
         Args:
-            hidden_states: Noisy images ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples
-                of :attr:`size_multiple`.
+            sample: Noisy images ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples of
+                :attr:`size_multiple`.
             timestep: Diffusion timestep(s) or noise levels, scalar or ``(B,)``.
             class_labels: ``(B,)`` labels in ``[0, num_classes]`` for class-conditional models.
+            cross_attention_kwargs: ``{"scale": s}`` scales the LoRA layers for this call
+                (diffusers' U-Net convention).
             return_dict: Return a ``UNet2DOutput`` instead of a tuple.
 
         Returns:
             The prediction ``(B, out_channels, H, W)``.
         """
         why = "2^(levels-1) downsamplings x each level's TMSA window"
-        time_token = self._time_token(hidden_states, timestep, class_labels, why)
-        hidden_states = hidden_states.to(self.dtype)
+        time_token = self._time_token(sample, timestep, class_labels, why)
+        with lora_scale(self, cross_attention_kwargs):
+            out = self._levels(sample.to(self.dtype).permute(0, 2, 3, 1), time_token)
+
+        if not return_dict:
+            return (out,)
+        return UNet2DOutput(sample=out)
+
+    def _levels(self, h: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        """Tokenizer, encoder, decoder and head on a ``(B, H, W, C)`` image; ``(B, C, H, W)``
+        out."""
 
         # (B, H, W, C) memory throughout; convolutions see channels-last NCHW views.
         def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
-        h = conv(self.tokenizer, hidden_states.permute(0, 2, 3, 1))
+        h = conv(self.tokenizer, h)
         skips = []
         for level, blocks in enumerate(self.encoder_levels):
             for block in blocks:
@@ -674,12 +740,7 @@ class DiffiTUNet2DModel(
             h = conv(self.skip_fusions[level], torch.cat([h, skips[level]], dim=-1))
             for block in self.decoder_levels[level]:
                 h = self._run_block(block, h, time_token)
-        out = self.conv_out(F.silu(self.norm_out(h.permute(0, 3, 1, 2))))
-        out = out.contiguous()
-
-        if not return_dict:
-            return (out,)
-        return UNet2DOutput(sample=out)
+        return self.conv_out(F.silu(self.norm_out(h.permute(0, 3, 1, 2)))).contiguous()
 
 
 def _per_level(value: int | tuple[int, ...], levels: int, name: str) -> tuple[int, ...]:
@@ -713,6 +774,13 @@ def _initialize_transformer_weights(model: nn.Module) -> None:
             nn.init.normal_(module.mlp.linear_2.weight, std=0.02)
             if module.num_classes > 0:
                 nn.init.normal_(module.class_embedding.weight, std=0.02)
+        elif isinstance(module, TimeDependentSelfAttention):
+            # DiT's rule is Xavier on the fused (3 dim, dim) qkv matrix, not on its thirds.
+            fused = torch.cat([module.to_q.weight, module.to_k.weight, module.to_v.weight])
+            nn.init.xavier_uniform_(fused)
+            projections = (module.to_q, module.to_k, module.to_v)
+            for linear, part in zip(projections, fused.chunk(3), strict=True):
+                linear.weight.data.copy_(part)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..hub import HubModelMixin
-from .attention import GridSelfAttention, TimeTokenCrossAttention
+from .attention import (
+    AttentionModelMixin,
+    GridSelfAttention,
+    TimeTokenCrossAttention,
+    lora_scale,
+)
 from .embeddings import ConditionEmbedding, reduce_gradient_flow
 from .layers import (
     RMS_NORM_EPS,
@@ -174,7 +179,9 @@ class AggregateBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin):
+class MDiTTransformer2DModel(
+    HubModelMixin, AttentionModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin
+):
     r"""Multi-scale diffusion transformer (MDiT).
 
     Numbers from the paper: the ``{M, N, K, L}`` layouts and widths of MDiT-B and MDiT-L, head
@@ -188,6 +195,11 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
     The model is agnostic to the prediction target: ``out_channels = in_channels`` for x0,
     epsilon or velocity (rectified flow) prediction, ``2 * in_channels`` for epsilon with a
     learned variance (DiT).
+
+    Not a diffusers ``CacheMixin``: its hooks (FirstBlockCache, FasterCache, ...) assume one
+    stack of identical blocks whose first block's residual predicts the rest; MDiT's blocks run
+    at two resolutions with a skip around the core and alternating core / aggregate blocks, so
+    neither the first-block proxy nor a per-block cache keyed on one list applies.
 
     Parameters:
         sample_size (`int`, defaults to 32): Training latent size (a default for pipelines; any
@@ -245,6 +257,7 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["OuterBlock", "CoreBlock", "AggregateBlock"]
+    _repeated_blocks = ["OuterBlock", "CoreBlock", "AggregateBlock"]
     _skip_layerwise_casting_patterns = ["condition_embedding", "class_embedding", "norm"]
 
     @register_to_config
@@ -447,7 +460,7 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
                 nn.init.trunc_normal_(module.null_value, std=0.02, a=-0.04, b=0.04)
         for module in self.modules():
             if isinstance(module, (GridSelfAttention, TimeTokenCrossAttention)):
-                nn.init.zeros_(module.to_out.weight)
+                nn.init.zeros_(module.to_out[0].weight)
             elif isinstance(module, ModulatedRMSNorm):
                 nn.init.zeros_(module.linear.weight)
             elif isinstance(module, (OuterBlock, CoreBlock, AggregateBlock)):
@@ -622,6 +635,7 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         encoder_attention_mask: torch.Tensor | None = None,
         image_scale: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """
@@ -638,6 +652,8 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             encoder_attention_mask: ``(B, S)``, 1 for real tokens, 0 for padding.
             image_scale: ``(B,)`` image-scale condition in (0, 1]; 0 means dropped.
             aspect_ratio: ``(B,)`` aspect-ratio condition (width / height); 0 means dropped.
+            attention_kwargs: ``{"scale": s}`` scales the LoRA layers for this call (diffusers'
+                convention).
             return_dict: Return a ``Transformer2DModelOutput`` instead of a tuple.
 
         Returns:
@@ -667,8 +683,18 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
         )
         args = (time_condition, tokens, mask)
 
-        # The only layout conversion: (B, C, H, W) at the diffusers boundary, channels-last inside.
-        h = hidden_states.permute(0, 2, 3, 1)
+        # 2. Blocks, with the call-time LoRA scale. The only layout conversion: (B, C, H, W) at
+        # the diffusers boundary, channels-last inside.
+        with lora_scale(self, attention_kwargs):
+            out = self._blocks(hidden_states.permute(0, 2, 3, 1), args)
+        out = out.permute(0, 3, 1, 2)
+
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    def _blocks(self, h: torch.Tensor, args: tuple) -> torch.Tensor:
+        """The block stack on a ``(B, H, W, C)`` grid; ``args`` = (G(t), tokens, mask)."""
         if self.has_outer_level:
             h = self.proj_in(h)
             for block in self.outer_in_blocks:
@@ -681,14 +707,8 @@ class MDiTTransformer2DModel(HubModelMixin, ModelMixin, ConfigMixin, PeftAdapter
             h = h + core
             for block in self.outer_out_blocks:
                 h = self._run_block(block, h, *args)
-            out = self.proj_out(self.norm_out(h))
-        else:
-            out = core
-        out = out.permute(0, 3, 1, 2)
-
-        if not return_dict:
-            return (out,)
-        return Transformer2DModelOutput(sample=out)
+            return self.proj_out(self.norm_out(h))
+        return core
 
 
 def _per_block_kernels(kernel_sizes, num_blocks: int) -> list[int | None] | None:

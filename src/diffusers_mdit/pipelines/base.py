@@ -21,6 +21,7 @@ from numbers import Integral, Real
 from typing import Any
 
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -88,6 +89,28 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
 
     def _setup_image_processor(self) -> None:
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # -- diffusers' call-state properties, read and set by ``callback_on_step_end`` ---------------
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def guidance_scale(self) -> float:
+        """The current guidance scale; a callback may change it between steps."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """diffusers' rule: guidance runs while the scale is above 1 (a callback that sets
+        ``pipe._guidance_scale = 0.0`` switches it off for the remaining steps)."""
+        return self._guidance_scale > 1
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a callback to skip the remaining steps."""
+        return self._interrupt
 
     @property
     def vae_scale_factor(self) -> int:
@@ -247,21 +270,28 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
                 key: _stack(unconditional.get(key), value) for key, value in conditional.items()
             }
 
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self._num_timesteps = len(timesteps)
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
         for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
             if before_step is not None:
                 before_step(i, len(timesteps))
+            guide = unconditional is not None and self.do_classifier_free_guidance
             model_input = latents
             if hasattr(scheduler, "scale_model_input"):
                 model_input = scheduler.scale_model_input(model_input, t)
-            if unconditional is not None:
+            if guide:
                 model_input = torch.cat([model_input, model_input])
             timestep = t.expand(model_input.shape[0]).to(model_input.device)
-            output = model(model_input, timestep, **model_kwargs).sample
-            if unconditional is not None:
+            output = model(model_input, timestep, **(model_kwargs if guide else conditional)).sample
+            if guide:
                 uncond, cond = output.chunk(2)
                 scale = guidance_scale_at(
-                    guidance_scale,
+                    self._guidance_scale,
                     i,
                     len(timesteps),
                     guidance_schedule,

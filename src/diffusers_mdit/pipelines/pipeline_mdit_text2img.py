@@ -57,9 +57,12 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
         prompt: str | list[str],
         num_images_per_prompt: int = 1,
         max_sequence_length: int = 16,
+        device: torch.device | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embeddings (B, S, D), attention mask (B, S))`` of the prompts, each repeated
-        ``num_images_per_prompt`` times."""
+        ``num_images_per_prompt`` times, in the text encoder's dtype. Needs only the tokenizer
+        and text encoder (a pipeline built with ``transformer=None`` encodes too), so prompts
+        can be encoded once and passed as ``prompt_embeds``."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         tokens = self.tokenizer(
             prompts,
@@ -68,10 +71,9 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
             truncation=True,
             return_tensors="pt",
         )
-        device = self._execution_device
+        device = device or self._execution_device
         ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
         embeddings = self.text_encoder(ids, attention_mask=mask).last_hidden_state
-        embeddings = embeddings.to(self.transformer.dtype)
         return (
             embeddings.repeat_interleave(num_images_per_prompt, 0),
             mask.repeat_interleave(num_images_per_prompt, 0),
@@ -80,7 +82,7 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
@@ -102,13 +104,22 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from text.
 
         Args:
-            prompt: Prompt(s).
+            prompt: Prompt(s); or give ``prompt_embeds`` instead.
             negative_prompt: Prompt(s) for the unconditional branch; ``None`` = no text.
             max_sequence_length: Token budget per prompt (16 in the paper).
+            prompt_embeds, prompt_attention_mask: Text encoder states ``(B, S, D)`` and their
+                mask ``(B, S)`` (default: all tokens valid), e.g. from :meth:`encode_prompt`
+                with ``num_images_per_prompt=1``; repeated ``num_images_per_prompt`` times.
+            negative_prompt_embeds, negative_prompt_attention_mask: The same for the
+                unconditional branch, instead of ``negative_prompt``.
             Other arguments (``core_attention``, ``core_patch_schedule`` for sizes above the
             training size included): as :meth:`MDiTPipeline.__call__`.
         """
@@ -125,31 +136,46 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
             height, width, num_inference_steps, output_type, callback_on_step_end_tensor_inputs
         )
         self.check_core_patch_schedule(core_patch_schedule, height, width)
-        prompts = _prompt_list("prompt", prompt)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(
                 f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}."
             )
-        if negative_prompt is not None:
-            negatives = _prompt_list("negative_prompt", negative_prompt)
-            if len(negatives) != len(prompts):
+        count = num_images_per_prompt
+        embeddings, mask = self._text_states(
+            "prompt", prompt, prompt_embeds, prompt_attention_mask, count, max_sequence_length
+        )
+        negative = negative_prompt is not None or negative_prompt_embeds is not None
+        if negative:
+            neg, neg_mask = self._text_states(
+                "negative_prompt",
+                negative_prompt,
+                negative_prompt_embeds,
+                negative_prompt_attention_mask,
+                count,
+                max_sequence_length,
+            )
+            if neg.shape[0] != embeddings.shape[0]:
                 raise ValueError(
-                    f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts."
+                    f"The negative prompts give {neg.shape[0] // count} entries for "
+                    f"{embeddings.shape[0] // count} prompts; give one per prompt."
                 )
-        embeddings, mask = self.encode_prompt(prompts, num_images_per_prompt, max_sequence_length)
-        conditional = {"encoder_hidden_states": embeddings, "encoder_attention_mask": mask}
+        dtype = self.transformer.dtype
+        conditional = {
+            "encoder_hidden_states": embeddings.to(dtype),
+            "encoder_attention_mask": mask,
+        }
         unconditional = None
         if guidance_scale != 1.0:
-            if negative_prompt is None:
+            if not negative:
                 unconditional = {
-                    "encoder_hidden_states": torch.zeros_like(embeddings),
+                    "encoder_hidden_states": torch.zeros_like(conditional["encoder_hidden_states"]),
                     "encoder_attention_mask": torch.zeros_like(mask),
                 }
             else:
-                neg, neg_mask = self.encode_prompt(
-                    negatives, num_images_per_prompt, max_sequence_length
-                )
-                unconditional = {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask}
+                unconditional = {
+                    "encoder_hidden_states": neg.to(dtype),
+                    "encoder_attention_mask": neg_mask,
+                }
         if config.num_classes:
             null = torch.full((embeddings.shape[0],), config.num_classes, device=embeddings.device)
             conditional["class_labels"] = null
@@ -161,6 +187,44 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
             return self.generate(
                 latents, conditional, unconditional, sampling, output_type, return_dict, before
             )
+
+    def _text_states(
+        self,
+        name: str,
+        prompt: str | list[str] | None,
+        embeds: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        num_images_per_prompt: int,
+        max_sequence_length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states and mask of ``name`` (``prompt`` or ``negative_prompt``) from its text
+        or its ``*_embeds`` (exactly one of them), repeated ``num_images_per_prompt`` times."""
+        if embeds is None:
+            if mask is not None:
+                raise ValueError(f"{name}_attention_mask was given without {name}_embeds.")
+            if prompt is None and name == "prompt":
+                raise ValueError("Give prompt or prompt_embeds.")
+            prompts = _prompt_list(name, prompt)
+            return self.encode_prompt(prompts, num_images_per_prompt, max_sequence_length)
+        if prompt is not None:
+            raise ValueError(f"Give {name} or {name}_embeds, not both.")
+        width = self.transformer.config.cross_attention_dim
+        if embeds.ndim != 3 or embeds.shape[-1] != width:
+            raise ValueError(
+                f"{name}_embeds must be (batch, tokens, {width}), got {tuple(embeds.shape)}."
+            )
+        device = self._execution_device
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+        elif tuple(mask.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(
+                f"{name}_attention_mask must be (batch, tokens) = {tuple(embeds.shape[:2])}, got "
+                f"{tuple(mask.shape)}."
+            )
+        return (
+            embeds.to(device).repeat_interleave(num_images_per_prompt, 0),
+            mask.to(device).repeat_interleave(num_images_per_prompt, 0),
+        )
 
 
 def _prompt_list(name: str, prompt) -> list[str]:
