@@ -4,11 +4,13 @@ the output, the pipeline round trip (weights and alpha), fusing, and loading err
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from diffusers_mdit import (
@@ -214,6 +216,48 @@ def test_lora_round_trip_through_a_saved_pipeline(tmp_path, kind):
     assert torch.equal(sample(fresh, **call), base)
     fresh.load_lora_weights(tmp_path / "lora", adapter_name="style")
     assert fresh.get_active_adapters() == ["style"]
+    torch.testing.assert_close(sample(fresh, **call), adapted, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mdit", "diffit"])
+def test_lora_saved_with_the_old_attention_names_loads(tmp_path, kind):
+    """LoRA files written before the diffusers attention naming (``to_out``, MDiT's
+    ``to_k_cond``, DiffiT's fused ``to_qkv``) load to the same adapted model."""
+    make, call = PIPELINES[kind]
+    pipe = make()
+    pipe.save_pretrained(tmp_path / "base")
+    save_adapter(pipe, tmp_path / "lora")
+    if kind == "diffit":  # a LoRA of the old fused to_qkv had one lora_A for q, k and v
+        with torch.no_grad():
+            for name, module in pipe.transformer.named_modules():
+                if name.endswith("attn.to_q"):
+                    attn = pipe.transformer.get_submodule(name.removesuffix(".to_q"))
+                    for other in (attn.to_k, attn.to_v):
+                        other.lora_A["default"].weight.copy_(module.lora_A["default"].weight)
+    adapted = sample(pipe, **call)
+    path = tmp_path / "lora" / LORA_FILE
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    state = {f"transformer.{k}": v for k, v in get_lora_state_dict(pipe.transformer).items()}
+    legacy = {}
+    for key, value in state.items():
+        fused = re.match(r"^(.*attn)\.to_q\.(lora_[AB]\.weight)$", key)
+        if kind == "diffit" and fused:
+            prefix, part = fused.groups()
+            parts = [state[f"{prefix}.to_{n}.{part}"] for n in "qkv"]
+            legacy[f"{prefix}.to_qkv.{part}"] = parts[0] if "lora_A" in part else torch.cat(parts)
+            continue
+        if kind == "diffit" and re.match(r"^.*attn\.to_[kv]\.lora_", key):
+            continue
+        key = re.sub(r"(cross_attn)\.to_(k|v)\.lora_", r"\1.to_\2_cond.lora_", key)
+        legacy[key.replace(".to_out.0.", ".to_out.")] = value
+    assert not any(".to_out.0." in key for key in legacy)
+    # The saved config names the old modules too.
+    metadata = {k: v.replace("to_out\\\\.0", "to_out") for k, v in metadata.items()}
+    save_file(legacy, path, metadata=metadata)
+
+    fresh = type(pipe).from_pretrained(tmp_path / "base")
+    fresh.load_lora_weights(tmp_path / "lora")
     torch.testing.assert_close(sample(fresh, **call), adapted, rtol=0, atol=1e-6)
 
 

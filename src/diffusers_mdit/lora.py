@@ -151,12 +151,41 @@ def check_lora_modules(state_dict: dict[str, torch.Tensor], model: nn.Module) ->
             )
 
 
+_LEGACY_LORA_NAMES = (
+    (re.compile(r"^(.*attn)\.to_out\.(lora_.*)$"), r"\1.to_out.0.\2"),
+    (re.compile(r"^(.*cross_attn)\.to_(k|v)_cond\.(lora_.*)$"), r"\1.to_\2.\3"),
+)
+_LEGACY_FUSED_QKV = re.compile(r"^(.*attn)\.to_qkv\.lora_(A|B)\.(weight|bias)$")
+
+
+def convert_legacy_lora_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA weights saved before the diffusers attention naming, renamed as
+    :func:`~diffusers_mdit.models.attention.convert_legacy_attention_keys` renames the models'
+    (diffusers' loaders know only their own models' old names). A LoRA of DiffiT's fused
+    ``to_qkv`` splits exactly: ``dW_qkv = B A`` stacks ``B_q A``, ``B_k A``, ``B_v A``, so each
+    of ``to_q``, ``to_k``, ``to_v`` gets the shared ``lora_A`` and its third of ``lora_B``."""
+    converted = {}
+    for key, value in state_dict.items():
+        fused = _LEGACY_FUSED_QKV.match(key)
+        if fused:
+            prefix, part, kind = fused.groups()
+            pieces = (value,) * 3 if part == "A" else value.chunk(3, dim=0)
+            for name, piece in zip("qkv", pieces, strict=True):
+                converted[f"{prefix}.to_{name}.lora_{part}.{kind}"] = piece.contiguous()
+            continue
+        for pattern, replacement in _LEGACY_LORA_NAMES:
+            key = pattern.sub(replacement, key)
+        converted[key] = value
+    return converted
+
+
 class MDiTLoraLoaderMixin(SanaLoraLoaderMixin):
     """LoRA loading, saving and fusing for the pipelines of this package (their ``transformer``).
 
-    diffusers' transformer-only loader (as for Sana) with the package's rules on top: safetensors
-    only, a clear error for LoRA weights of modules the model lacks, and a warning when saving
-    without the adapter's config (then loading assumes ``alpha = rank``).
+    diffusers' transformer-only loader (as for Sana) with what it lacks for our models on top:
+    safetensors only, the attention layers' old names renamed, a clear error for LoRA weights of
+    modules the model lacks, and a warning when saving without the adapter's config (then
+    loading assumes ``alpha = rank``). ``load_lora_weights`` is diffusers' own.
 
     Example::
 
@@ -189,35 +218,12 @@ class MDiTLoraLoaderMixin(SanaLoraLoaderMixin):
                 f"({error}): the file is truncated or corrupt. Save or download it again."
             ) from error
 
-    def load_lora_weights(
-        self,
-        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
-        adapter_name: str | None = None,
-        hotswap: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Load LoRA weights into ``self.transformer`` as adapter ``adapter_name``.
-
-        Args:
-            pretrained_model_name_or_path_or_dict: A folder or Hub repository holding
-                ``pytorch_lora_weights.safetensors`` (or ``weight_name``), or a state dict
-                with ``transformer.``-prefixed PEFT keys.
-            adapter_name: Name of the new adapter (default ``default_0``, ``default_1``...).
-            hotswap: Replace the weights of the loaded adapter ``adapter_name`` in place.
-            kwargs: ``weight_name``, ``subfolder`` and the Hub arguments of diffusers.
-
-        Rank and alpha come from the file's metadata; without it (a state dict, or a file saved
-        without ``transformer_lora_adapter_metadata``) the alpha is taken to be the rank.
-        """
-        super().load_lora_weights(
-            pretrained_model_name_or_path_or_dict,
-            adapter_name=adapter_name,
-            hotswap=hotswap,
-            **kwargs,
-        )
-
     @classmethod
     def load_lora_into_transformer(cls, state_dict, transformer, **kwargs: Any) -> None:
+        """diffusers' loader after renaming the LoRA weights of the attention layers' old names
+        (:func:`convert_legacy_lora_keys`) and checking them against the model. Rank and alpha
+        come from the file's metadata; without it the alpha is taken to be the rank."""
+        state_dict = convert_legacy_lora_keys(dict(state_dict))
         prefix = f"{cls.transformer_name}."
         check_lora_modules(
             {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)},
