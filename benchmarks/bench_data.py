@@ -48,7 +48,7 @@ def cpu_name() -> str:
 
 
 def make_shards(folder: str, count: int) -> None:
-    from diffusers_mdit.training.shards import LatentShardWriter
+    from diffusers_mdit.data.shards import LatentShardWriter
 
     rng = np.random.default_rng(0)
     writer = LatentShardWriter(folder, metadata={"num_classes": 1000}, shard_size=2048)
@@ -79,11 +79,15 @@ def loader_rate(dataset, batch: int, steps: int, workers: int) -> float:
     from diffusers_mdit.training.loader import training_loader
 
     loader = training_loader(
-        dataset, batch, seed=0, start=0, stop=steps + 1, share=slice(None), random_flip=True,
+        dataset, batch, seed=0, start=0, stop=steps + 1 + 2 * workers, share=slice(None),
+        random_flip=True,
         num_workers=workers,
     )  # fmt: skip
     batches = iter(loader)
-    next(batches)  # worker start-up is paid once per run, not per step
+    # Worker start-up is paid once per run, and while the first batch is awaited the workers
+    # prefetch 2 batches each: time the steady state after those.
+    for _ in range(1 + 2 * workers):
+        next(batches)
     start = time.perf_counter()
     for _ in range(steps):
         next(batches)
@@ -123,14 +127,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Tiny sizes, for the tests.")
     parser.add_argument("--shard_samples", type=int, default=10_240)
     parser.add_argument("--jpeg_images", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=256, help="Loader batch.")
+    parser.add_argument("--batch_size", type=int, default=256, help="Loader batch (shards).")
+    parser.add_argument("--jpeg_batch_size", type=int, default=32, help="Loader batch (JPEGs).")
+    parser.add_argument("--steps", type=int, default=30, help="Timed batches per measurement.")
     parser.add_argument("--gpu_tflops", type=float, default=312.0, help="Assumed GPU peak.")
     parser.add_argument("--gpu_utilization", type=float, default=0.4, help="Assumed fraction.")
     args = parser.parse_args()
     if args.quick:
         args.shard_samples, args.jpeg_images, args.batch_size = 256, 32, 16
-    from diffusers_mdit.training.data import ImageDataset
-    from diffusers_mdit.training.shards import LatentShardDataset
+        args.jpeg_batch_size, args.steps = 8, 4
+    from diffusers_mdit.data import ImageDataset
+    from diffusers_mdit.data.shards import LatentShardDataset
 
     print("training data loader benchmark")
     print(f"  {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -145,13 +152,15 @@ def main() -> None:
                 train_data_dir=jpegs, resolution=256
             ),
         }
-        print(f"  loader batch {args.batch_size}; {args.shard_samples} shard samples, "
-              f"{args.jpeg_images} JPEGs of 320x400\n")  # fmt: skip
+        print(f"  loader batch {args.batch_size} (shards) / {args.jpeg_batch_size} (JPEGs), "
+              f"{args.steps} timed batches after the prefetched ones; {args.shard_samples} "
+              f"shard samples, {args.jpeg_images} JPEGs of 320x400\n")  # fmt: skip
         print(f"{'source':40s} {'workers':>7s} {'samples/s':>10s} {'per worker':>10s}")
         rates = {}
         for name, dataset in sets.items():
-            batch = min(args.batch_size, len(dataset))
-            steps = max(len(dataset) // batch - 1, 1)
+            # JPEGs: smaller batches, so that many steps are timed (epochs wrap around).
+            batch = min(args.batch_size if "shards" in name else args.jpeg_batch_size, len(dataset))
+            steps = args.steps
             for workers in (0, 1, 2):
                 rate = loader_rate(dataset, batch, steps, workers)
                 rates[name, workers] = rate

@@ -8,7 +8,7 @@ the whole split) with and without neighborhood attention in chosen core blocks
 (``core_kernel_sizes``) in several placements and window sizes: by default global everywhere,
 3x3-token windows in the first 2 or the first 4 of the 6 blocks, 5x5 in the first 2;
 ``--arms`` also offers 3x3 in the last 2 blocks and 5x5 in the first 4. A stratified 20% of
-the digits (``training.data.digits_split``) is held out and never trained on. Every run uses
+the digits (``diffusers_mdit.data.digits_split``) is held out and never trained on. Every run uses
 the identical recipe and step count.
 
 Generalization, as in the paper: at fixed noise levels t of the 1000-step training schedule and
@@ -195,7 +195,7 @@ def denoising_psnr(
 def digits_split_indices() -> tuple[torch.Tensor, torch.Tensor]:
     """The (training, held-out) digit indices every run uses (the trainer's
     ``--held_out_fraction`` split)."""
-    from diffusers_mdit.training.data import digits_split
+    from diffusers_mdit.data import digits_split
 
     return digits_split(HELD_OUT_FRACTION)
 
@@ -210,7 +210,7 @@ def split_images(size: str, eval_images: int, resolution: int):
     """(training images the run saw, held-out images), each at most ``eval_images``, with
     their labels: the first images of the training split (what ``--max_train_samples`` takes)
     and the first of the held-out split."""
-    from diffusers_mdit.training.data import DigitsDataset
+    from diffusers_mdit.data import DigitsDataset
 
     train, held = digits_split_indices()
     chosen = (train[: min(training_size(size), eval_images)], held[:eval_images])

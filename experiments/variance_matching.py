@@ -60,7 +60,7 @@ def wasserstein_1(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def real_variances(resolution: int) -> np.ndarray:
-    from diffusers_mdit.training.data import DigitsDataset
+    from diffusers_mdit.data import DigitsDataset
 
     # The digits are grey, repeated to 3 channels: one channel carries all the information.
     return sample_variances(DigitsDataset(resolution=resolution, channels=1).images)

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from diffusers_mdit.data import ImageDataset
+from diffusers_mdit.data.shards import INDEX_DTYPE, LatentShardDataset
 from diffusers_mdit.lora import get_lora_metadata, get_lora_state_dict, lora_config
 from diffusers_mdit.models import (
     DiffiTTransformer2DModel,
@@ -35,8 +37,6 @@ from diffusers_mdit.testing import (
 )
 from diffusers_mdit.training import checkpointing
 from diffusers_mdit.training.checkpointing import list_checkpoints
-from diffusers_mdit.training.data import ImageDataset
-from diffusers_mdit.training.shards import INDEX_DTYPE, LatentShardDataset
 from diffusers_mdit.training.trainer import add_arguments, train
 
 TINY_DIFFIT = dict(sample_size=8, hidden_size=32, num_layers=1, num_attention_heads=2)

@@ -16,8 +16,8 @@ import argparse
 
 import torch
 
-from diffusers_mdit.training.data import ImageDataset
-from diffusers_mdit.training.shards import (
+from diffusers_mdit.data import ImageDataset
+from diffusers_mdit.data.shards import (
     LatentShardWriter,
     caption_batches,
     image_batches,

@@ -14,7 +14,7 @@ from .models import (
 )
 from .pipelines import DiffiTPipeline, MDiTPipeline, MDiTTextToImagePipeline
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "DIFFIT_PRESETS",

@@ -49,6 +49,8 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError, safe_open
 
+from .families import FAMILIES
+
 # Files of the repository folders pipelines/ and model_cards/, shipped in wheels as the
 # packages diffusers_mdit.hub_files and diffusers_mdit.model_cards (see pyproject.toml).
 HUB_CODE_FILE = ("diffusers_mdit.hub_files", "pipelines", "pipeline.py")
@@ -77,8 +79,8 @@ PipelineT = TypeVar("PipelineT", bound="HubPipelineMixin")
 
 
 def installed_version() -> str:
-    """Version of the installed diffusers-mdit (imported late: this module loads first)."""
-    from . import __version__
+    """Version of the installed diffusers-mdit."""
+    from .version import __version__
 
     return __version__
 
@@ -408,56 +410,6 @@ def check_pipeline_folder(
 
 # -- model cards ------------------------------------------------------------------------------
 
-MDIT_CITATION = """@misc{mdit,
-  title        = {Multi-Scale Image Diffusion Transformers: Explainability Leads to Faster
-                  Training},
-  howpublished = {OpenReview, ICLR 2025 submission},
-  url          = {https://openreview.net/forum?id=leBbjaUxut}
-}"""
-
-DIFFIT_CITATION = """@article{hatamizadeh2023diffit,
-  title   = {DiffiT: Diffusion Vision Transformers for Image Generation},
-  author  = {Hatamizadeh, Ali and Song, Jiaming and Liu, Guilin and Kautz, Jan and
-             Vahdat, Arash},
-  journal = {arXiv preprint arXiv:2312.02139},
-  year    = {2023}
-}"""
-
-_ARCHITECTURES = {
-    "MDiTTransformer2DModel": (
-        "mdit",
-        'MDiT, the multi-scale diffusion transformer of "Multi-Scale Image Diffusion '
-        'Transformers: Explainability Leads to Faster Training": M outer blocks with '
-        "neighborhood attention at full latent resolution, a 2x2-patched core of K blocks "
-        "alternating core and aggregate blocks followed by L core blocks, then N outer blocks.",
-        MDIT_CITATION,
-    ),
-    "DiffiTTransformer2DModel": (
-        "diffit",
-        'Latent DiffiT (Hatamizadeh et al. 2023, "DiffiT: Diffusion Vision Transformers for '
-        'Image Generation"): an isotropic ViT of DiffiT blocks with time-dependent multi-head '
-        "self-attention (TMSA) on VAE latents.",
-        DIFFIT_CITATION,
-    ),
-    "DiffiTUNet2DModel": (
-        "diffit",
-        'Image-space DiffiT (Hatamizadeh et al. 2023, "DiffiT: Diffusion Vision Transformers '
-        'for Image Generation"): a U-shaped encoder/decoder of DiffiT ResBlocks with windowed '
-        "time-dependent self-attention (TMSA).",
-        DIFFIT_CITATION,
-    ),
-}
-
-_CONFIG_SUMMARY = {
-    "MDiTTransformer2DModel": "sample_size in_channels out_channels outer_dim core_dim "
-    "attention_head_dim outer_kernel_size core_attention_type core_kernel_sizes num_classes "
-    "class_conditioning cross_attention_dim use_aux_conditions",
-    "DiffiTTransformer2DModel": "sample_size in_channels out_channels patch_size hidden_size "
-    "num_layers num_attention_heads window_size num_classes",
-    "DiffiTUNet2DModel": "sample_size in_channels out_channels block_out_channels "
-    "layers_per_level window_size attention_head_dim num_classes",
-}
-
 
 def mdit_layout(config: Any) -> str:
     """The paper's ``{M, N, K, L}`` notation for an MDiT config."""
@@ -498,9 +450,10 @@ def create_model_card(
     is_pipeline = isinstance(obj, DiffusionPipeline)
     model = obj.transformer if is_pipeline else obj
     model_class = type(model).__name__
-    if model_class not in _ARCHITECTURES:
+    if model_class not in FAMILIES:
         raise ValueError(f"No model card for {model_class}: not a model of diffusers-mdit.")
-    family, architecture, citation = _ARCHITECTURES[model_class]
+    family = FAMILIES[model_class]
+    architecture, citation = family.architecture, family.citation
     config = model.config
     if getattr(config, "cross_attention_dim", None):
         conditioning, pipeline_tag = "text-to-image", "text-to-image"
@@ -517,7 +470,7 @@ def create_model_card(
         pipeline_tag=pipeline_tag,
         datasets=datasets,
         tags=list(
-            dict.fromkeys(["diffusers", "diffusers-mdit", family, conditioning, *(tags or ())])
+            dict.fromkeys(["diffusers", "diffusers-mdit", family.tag, conditioning, *(tags or ())])
         ),
     )
     return ModelCard.from_template(
@@ -530,9 +483,7 @@ def create_model_card(
         architecture=architecture,
         layout=mdit_layout(config) if model_class == "MDiTTransformer2DModel" else None,
         config_summary={  # settings left at None (e.g. no per-block kernels) are not listed
-            key: config[key]
-            for key in _CONFIG_SUMMARY[model_class].split()
-            if config.get(key) is not None
+            key: config[key] for key in family.config_summary if config.get(key) is not None
         },
         parameters=_format_count(sum(p.numel() for p in model.parameters())),
         components=components,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers_mdit.data import DigitsDataset
 from diffusers_mdit.evaluation import ImageSet, ReferenceClassifier, evaluate
-from diffusers_mdit.training.data import DigitsDataset
 
 
 @pytest.fixture(scope="module")

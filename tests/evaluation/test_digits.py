@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusers_mdit.data import DigitsDataset
 from diffusers_mdit.evaluation import DigitsClassifier
-from diffusers_mdit.training.data import DigitsDataset
 
 
 def test_classifier_recognises_real_digits_at_the_demo_resolutions():

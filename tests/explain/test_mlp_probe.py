@@ -192,10 +192,10 @@ def test_cli_on_a_saved_pipeline_with_digits(tmp_path):
     assert (out / "mlp_probe.png").is_file() and (out / "mlp_probe_timesteps.png").is_file()
 
 
-def test_cli_refuses_a_dataset_without_labels(tmp_path):
+def test_cli_refuses_a_dataset_without_labels(tmp_path, capsys):
     from PIL import Image
 
-    from diffusers_mdit.explain.cli import main
+    from diffusers_mdit.explain.cli import main, run
 
     model = tiny_mdit(num_classes=10, in_channels=3, out_channels=3)
     MDiTPipeline(transformer=model, scheduler=ddim_x0()).save_pretrained(tmp_path / "pipe")
@@ -214,4 +214,7 @@ def test_cli_refuses_a_dataset_without_labels(tmp_path):
         str(folder),
     ]
     with pytest.raises(ValueError, match="has no labels"):
-        main(argv)
+        run(argv)
+    # The console script reports it as a user error, without a traceback.
+    assert main(argv) == 2
+    assert "mdit-explain: error: " in capsys.readouterr().err

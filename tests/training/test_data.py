@@ -6,7 +6,7 @@ import PIL.Image
 import pytest
 import torch
 
-from diffusers_mdit.training.data import DigitsDataset, ImageDataset
+from diffusers_mdit.data import DigitsDataset, ImageDataset
 
 
 def test_digits_dataset_layout_and_range():
@@ -48,8 +48,7 @@ def test_missing_dataset_folder_names_the_fix(tmp_path):
 
 
 def test_digits_split_is_stratified_disjoint_seeded_and_the_probe_split():
-    from diffusers_mdit.explain.mlp_probe import stratified_split
-    from diffusers_mdit.training.data import digits_split
+    from diffusers_mdit.data import digits_split, stratified_split
 
     train, held = digits_split(0.2)
     assert len(train) + len(held) == 1797 and not set(train.tolist()) & set(held.tolist())
@@ -64,8 +63,27 @@ def test_digits_split_is_stratified_disjoint_seeded_and_the_probe_split():
         digits_split(1.0)
 
 
+def test_the_classifiers_hold_out_exactly_the_training_held_out_digits():
+    """One split: the SVC never trains on a digit that ``--held_out_fraction 0.2`` holds out
+    of training, and scores its held-out accuracy on exactly those."""
+    from sklearn.datasets import load_digits
+
+    from diffusers_mdit.data import digits_split, stratified_split
+    from diffusers_mdit.evaluation import DigitsClassifier
+
+    digits = load_digits()
+    features = digits.images.reshape(len(digits.images), -1)
+    train, held = digits_split(0.2)
+    svc = DigitsClassifier()
+    assert svc.heldout_accuracy == svc.classifier.score(features[held], digits.target[held])
+    # The reference classifier splits any labelled set with stratified_split(labels, 0.8,
+    # seed): on the digits in dataset order, the same held-out part.
+    reference_train, reference_held = stratified_split(torch.from_numpy(digits.target), 0.8, 0)
+    assert torch.equal(reference_held, held) and torch.equal(reference_train, train)
+
+
 def test_subset_indices_takes_the_first_n_and_repeats_them_to_the_minimum_length():
-    from diffusers_mdit.training.data import subset_indices
+    from diffusers_mdit.data import subset_indices
 
     assert subset_indices([5, 3, 9, 1], 2) == [5, 3]
     assert subset_indices([5, 3, 9, 1], None) == [5, 3, 9, 1]

@@ -16,10 +16,10 @@ import webdataset
 from safetensors.torch import load_file
 
 from diffusers_mdit import MDiTPipeline, MDiTTextToImagePipeline
+from diffusers_mdit.data import ImageDataset
+from diffusers_mdit.data.shards import LatentShardDataset, LatentShardWriter, encode_latents
 from diffusers_mdit.testing import TINY_MDIT, ddim_x0, tiny_mdit, tiny_text_encoder, tiny_vae
 from diffusers_mdit.training.checkpointing import batch_indices
-from diffusers_mdit.training.data import ImageDataset
-from diffusers_mdit.training.shards import LatentShardDataset, LatentShardWriter, encode_latents
 from diffusers_mdit.training.trainer import add_arguments, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

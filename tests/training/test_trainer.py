@@ -105,7 +105,7 @@ def test_missing_dataset_folder_is_reported(tmp_path):
 
 
 def test_max_train_samples_trains_on_the_first_n_training_digits_and_never_the_held_out(tmp_path):
-    from diffusers_mdit.training.data import DigitsDataset, digits_split
+    from diffusers_mdit.data import DigitsDataset, digits_split
     from diffusers_mdit.training.trainer import build_dataset
 
     train_part, held = digits_split(0.2)

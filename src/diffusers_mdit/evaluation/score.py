@@ -104,7 +104,7 @@ class ImageSet:
     def digits(cls, resolution: int = 8) -> ImageSet:
         """scikit-learn's 1,797 real digits, bilinearly upsampled to ``resolution`` as the
         training data of the demo."""
-        from ..training.data import DigitsDataset
+        from ..data import DigitsDataset
 
         data = DigitsDataset(resolution=resolution, channels=3)
         return cls.from_tensor(data.images, data.labels.numpy(), name="digits")

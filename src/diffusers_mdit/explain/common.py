@@ -40,7 +40,7 @@ def load_for_analysis(
     """Load a pipeline folder (``model_index.json``: our pipelines, by ``_class_name``) or a
     model folder (``config.json``), in eval mode on ``device``."""
     from .. import pipelines
-    from ..training.finetuning import load_pretrained_model
+    from ..families import load_model
 
     if not os.path.isdir(path):
         raise FileNotFoundError(
@@ -72,7 +72,7 @@ def load_for_analysis(
         pipeline.set_progress_bar_config(disable=True)
         model = pipeline.transformer
     else:
-        model = load_pretrained_model(path).to(device=device, dtype=dtype)
+        model = load_model(path).to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, pipeline=pipeline, path=path)
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.splits import stratified_split
 from .common import block_names, capture_outputs, normalised_depth, pyplot, save_figure
 
 HELP = "Layer-wise MLP probes: class accuracy of every block's pooled output vs depth (4.2, F.2)."
@@ -114,26 +115,6 @@ def train_probe(
         accuracy = (probe(x_test).argmax(1) == y_test).float().mean().item()
         train_accuracy = (probe(x_train).argmax(1) == y_train).float().mean().item()
     return ProbeScore(accuracy=accuracy, train_accuracy=train_accuracy)
-
-
-def stratified_split(
-    labels: torch.Tensor, train_fraction: float = 0.8, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded train / held-out indices with ``train_fraction`` of each class in the training
-    part (at least one example of each class on each side when the class has two)."""
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
-    generator = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for label in torch.unique(labels):
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        cut = int(round(train_fraction * len(members)))
-        if len(members) >= 2:
-            cut = min(max(cut, 1), len(members) - 1)
-        train.append(members[:cut])
-        test.append(members[cut:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
 # -- features -------------------------------------------------------------------------------
@@ -492,7 +473,7 @@ def load_labelled_images(
     the model's ``sample_size`` (times the VAE factor, then encoded, for latent pipelines);
     ``num_images`` keeps a seeded random subset.
     """
-    from ..training.data import DigitsDataset, ImageDataset
+    from ..data import DigitsDataset, ImageDataset
 
     model = loaded.model
     vae = getattr(loaded.pipeline, "vae", None) if loaded.pipeline is not None else None
@@ -534,7 +515,7 @@ def load_labelled_images(
             [data[int(i)]["pixel_values"] for i in tqdm(indices, desc="loading images")]
         )
     if vae is not None:
-        from ..training.shards import encode_latents
+        from ..data.shards import encode_latents
 
         with torch.no_grad():
             images = torch.cat(

@@ -53,7 +53,7 @@ class TrainingConfig:
     held_out_fraction: float = option(
         0.0,
         "Digits only: never train on a held-out split, this fraction of every class, "
-        "drawn with seed 0 (training.data.digits_split, the MLP probe's split); 0 = none.",
+        "drawn with seed 0 (diffusers_mdit.data.digits_split, the MLP probe's split); 0 = none.",
     )
     resolution: int = option(16)
     random_flip: bool = option(

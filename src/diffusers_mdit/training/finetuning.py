@@ -84,31 +84,3 @@ def prepare_finetuning(
     total = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return FinetuneSummary(mode=mode, trainable=trainable, total=total)
-
-
-def load_pretrained_model(path: str):
-    """The model of a saved pipeline folder (its ``transformer/``) or model folder; the class
-    comes from the saved config's ``_class_name``."""
-    import json
-    import os
-
-    from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel, MDiTTransformer2DModel
-
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        path = os.path.join(path, "transformer")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(
-            f"--pretrained_model_name_or_path {path!r} has no config.json: point it at a "
-            "pipeline folder saved by train_mdit.py (with model_index.json) or at its "
-            "transformer/ folder."
-        )
-    with open(config_path) as f:
-        name = json.load(f).get("_class_name")
-    classes = {
-        cls.__name__: cls
-        for cls in (MDiTTransformer2DModel, DiffiTTransformer2DModel, DiffiTUNet2DModel)
-    }
-    if name not in classes:
-        raise ValueError(f"{config_path} configures {name!r}; trainable models: {sorted(classes)}.")
-    return classes[name].from_pretrained(path)

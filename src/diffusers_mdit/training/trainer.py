@@ -34,14 +34,22 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..data import (
+    DIGITS_CLASSES,
+    DIGITS_IMAGES,
+    DigitsDataset,
+    ImageDataset,
+    digits_split,
+    subset_indices,
+)
+from ..data.shards import LatentShardDataset
+from ..families import FAMILIES, family_of, load_model
 from ..models import (
-    DiffiTTransformer2DModel,
-    DiffiTUNet2DModel,
     MDiTTransformer2DModel,
     from_preset,
 )
 from ..models.presets import PRESET_OWNERS
-from ..pipelines import DiffiTPipeline, MDiTPipeline, MDiTTextToImagePipeline
+from ..pipelines import MDiTTextToImagePipeline
 from .checkpointing import (
     batch_indices,
     check_disk_space,
@@ -53,26 +61,10 @@ from .checkpointing import (
     step_generator,
 )
 from .config import TrainingConfig
-from .data import (
-    DIGITS_CLASSES,
-    DIGITS_IMAGES,
-    DigitsDataset,
-    ImageDataset,
-    digits_split,
-    subset_indices,
-)
-from .finetuning import load_pretrained_model, prepare_finetuning
+from .finetuning import prepare_finetuning
 from .loader import training_loader
 from .losses import ActivationCapture, scheduled_weight, training_losses
 from .objectives import drop_aux_conditions, drop_labels, drop_text_conditions, make_objective
-from .shards import LatentShardDataset
-
-# The pipeline that samples each model family (saved at the end of training).
-PIPELINES = {
-    MDiTTransformer2DModel: MDiTPipeline,
-    DiffiTTransformer2DModel: DiffiTPipeline,
-    DiffiTUNet2DModel: DiffiTPipeline,
-}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -166,13 +158,12 @@ def build_model(
     if args.model_config:
         with open(args.model_config) as f:
             config = json.load(f)
-        classes = {cls.__name__: cls for cls in PIPELINES}
         name = config.get("_class_name", MDiTTransformer2DModel.__name__)
-        if name not in classes:
+        if name not in FAMILIES:
             raise ValueError(
-                f"{args.model_config} configures {name!r}; trainable models: {sorted(classes)}."
+                f"{args.model_config} configures {name!r}; trainable models: {sorted(FAMILIES)}."
             )
-        family = classes[name]
+        family = FAMILIES[name].model_class
         config = {k: v for k, v in config.items() if not k.startswith("_")}
     else:
         if args.preset not in PRESET_OWNERS:
@@ -237,7 +228,7 @@ def finetuning_model(
             "--push_to_hub is not supported with --finetune lora yet: upload the output "
             "folder's pytorch_lora_weights.safetensors with `huggingface-cli upload`."
         )
-    pretrained = load_pretrained_model(args.pretrained_model_name_or_path)
+    pretrained = load_model(args.pretrained_model_name_or_path)
     needs = dict(
         in_channels=channels, num_classes=num_classes, cross_attention_dim=cross_attention_dim
     )
@@ -741,7 +732,7 @@ def final_pipeline(model, ema, objective, vae=None, text_encoder=None, tokenizer
             tokenizer=tokenizer,
             vae=vae,
         )
-    pipeline = PIPELINES[type(model)]
+    pipeline = family_of(model).pipeline_class
     return pipeline(transformer=transformer.eval(), scheduler=scheduler, vae=vae)
 
 

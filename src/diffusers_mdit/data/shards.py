@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import ImageDataset, resize_center_crop
+from .images import ImageDataset, resize_center_crop
 
 FORMAT = "diffusers-mdit-latent-shards/1"
 METADATA_FILE = "metadata.json"

@@ -1,9 +1,11 @@
-"""Training data: the built-in digits, image datasets through Hugging Face ``datasets``.
+"""Image datasets through Hugging Face ``datasets`` (image folders and Hub datasets), and the
+one resize / crop every image path uses.
 
-Every dataset yields ``{"pixel_values": (C, R, R) float in [-1, 1], "class_labels": int}``
-(``class_labels`` is -1 for unlabelled data), the layout pixel-space training and VAE encoding
-both take. :class:`ImageDataset` items also carry ``original_size`` ``(width, height)``, from
-which latent preparation derives the auxiliary scale and aspect conditions.
+Every dataset (these, and :class:`.digits.DigitsDataset`) yields ``{"pixel_values": (C, R, R)
+float in [-1, 1], "class_labels": int}`` (``class_labels`` is -1 for unlabelled data), the
+layout pixel-space training and VAE encoding both take. :class:`ImageDataset` items also carry
+``original_size`` ``(width, height)``, from which latent preparation derives the auxiliary
+scale and aspect conditions.
 """
 
 from __future__ import annotations
@@ -14,81 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
-
-DIGITS_CLASSES = 10
-DIGITS_IMAGES = 1797
-
-
-def digits_split(held_out_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out indices of the 1,797 digits, each sorted: a seeded split
-    stratified by class with ``held_out_fraction`` of every class held out. It is the MLP
-    probe's split (:func:`diffusers_mdit.explain.mlp_probe.stratified_split` with training
-    fraction ``1 - held_out_fraction``), so a model trained on the training part can be
-    probed and scored on images it never saw."""
-    from sklearn.datasets import load_digits
-
-    from ..explain.mlp_probe import stratified_split
-
-    if not 0 < held_out_fraction < 1:
-        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}.")
-    labels = torch.from_numpy(load_digits().target.astype(np.int64))
-    return stratified_split(labels, 1 - held_out_fraction, seed)
-
-
-def subset_indices(
-    indices: Sequence[int], max_samples: int | None = None, min_length: int = 1
-) -> list[int]:
-    """The first ``max_samples`` of ``indices`` (all of them when ``None`` or larger), the
-    subset repeated whole as often as needed to hold at least ``min_length`` items (a training
-    subset smaller than the batch then fills batches with copies of itself)."""
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}.")
-    subset = [int(i) for i in indices][:max_samples]
-    if not subset:
-        raise ValueError("The subset is empty: there are no indices to take samples from.")
-    return subset * -(-min_length // len(subset))
-
-
-class DigitsDataset(Dataset):
-    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 grey images of 10 classes
-    (no download), bilinearly upsampled to ``resolution`` and repeated to ``channels``.
-
-    Args:
-        resolution: Output size (8 keeps the originals; 16 or 32 for the demo models).
-        channels: 1 (grey) or 3 (grey repeated, for models built for RGB).
-        indices: Optional subset of the 1,797 images (e.g. a train/held-out split).
-    """
-
-    def __init__(self, resolution: int = 16, channels: int = 3, indices=None):
-        from sklearn.datasets import load_digits
-
-        if channels not in (1, 3):
-            raise ValueError(
-                f"The digits are grey images: channels must be 1 or 3, got {channels}."
-            )
-        if resolution < 8 or resolution % 8:
-            raise ValueError(f"Digits resolution must be a multiple of 8, got {resolution}.")
-        digits = load_digits()
-        images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)  # [0, 1]
-        labels = torch.from_numpy(digits.target.astype(np.int64))
-        if indices is not None:
-            images, labels = images[indices], labels[indices]
-        images = images[:, None]
-        if resolution != 8:
-            images = F.interpolate(images, size=resolution, mode="bilinear", align_corners=False)
-        self.images = (images * 2 - 1).clamp(-1, 1).repeat(1, channels, 1, 1)
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        return {"pixel_values": self.images[index], "class_labels": self.label(index)}
-
-    def label(self, index: int) -> int:
-        return int(self.labels[index])
 
 
 class ImageDataset(Dataset):
