@@ -582,3 +582,17 @@ def test_an_odd_resolution_on_an_image_folder_names_the_flag_not_shards(tmp_path
         run(tmp_path, tmp_path / "run", train_data_dir=tmp_path / "images", resolution=18,
             train_batch_size=2)  # fmt: skip
     assert "shard" not in str(error.value)
+
+
+def test_the_training_script_reports_user_errors_without_a_traceback(tmp_path):
+    argv = run_flags(tmp_path, tmp_path / "run", train_data_dir=tmp_path / "missing")
+    done = subprocess.run(
+        [sys.executable, TRAIN_SCRIPT, *argv],
+        env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "error: " in done.stderr and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
