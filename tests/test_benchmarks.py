@@ -34,3 +34,16 @@ def test_quick_run_prints_its_ratios(script):
     assert result.returncode == 0, result.stderr[-2000:]
     for line in EXPECTED[script]:
         assert line in result.stdout, (line, result.stdout[-2000:])
+
+
+@pytest.mark.slow
+def test_compile_benchmark_quick_run_prints_its_ratio():
+    """Separate and slow: compiling even a tiny model takes a minute or more on 2 cores."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_compile.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "eager / compiled step time" in result.stdout, result.stdout[-2000:]
