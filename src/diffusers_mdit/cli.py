@@ -10,13 +10,24 @@ from typing import Any
 
 import torch
 
-from .models import DiffiTTransformer2DModel, DiffiTUNet2DModel, MDiTTransformer2DModel
+from .models import (
+    DiffiTTransformer2DModel,
+    DiffiTUNet2DModel,
+    DiTBaselineTransformer2DModel,
+    MDiTTransformer2DModel,
+    paper_parameter_count,
+)
 from .profiling import config_cost, count_parameters, preset_cost
 
-# Figures quoted by the MDiT paper (section 5.5 tables 3-4, F.1, G.5), for comparison only.
+# Figures quoted by the MDiT paper (section 5.5 tables 3-4, F.1, G.5), the DiffiT paper and
+# the DiT paper (table 1, Gflops that are MACs), for comparison only.
 PAPER_FIGURES = {
     "MDiT-B": "111M uncond. (FFHQ) / 133M class-cond. (ImageNet); 30 G per forward",
     "DiffiT-XL": "561M; 114 G per forward (table 9)",
+    "DiT-S/2": "33M; 6.06 G per forward",
+    "DiT-B/2": "130M; 23.01 G per forward",
+    "DiT-L/2": "458M; 80.71 G per forward",
+    "DiT-XL/2": "675M; 118.64 G per forward",
 }
 
 
@@ -44,14 +55,14 @@ def run_command(
 def preset_table(height: int = 32, width: int = 32) -> str:
     """Parameters (class-conditional and unconditional) and forward cost of every preset."""
     rows = [
-        f"{'preset':<9} {'params (1000 classes)':>22} {'params (uncond.)':>17} "
+        f"{'preset':<14} {'params (1000 classes)':>22} {'params (uncond.)':>17} "
         f"{'GMACs':>8} {'GFLOPs':>8}  paper"
     ]
     for name in MDiTTransformer2DModel.list_presets():
         conditional = preset_cost(name, height, width)
         unconditional = preset_cost(name, height, width, num_classes=0)
         rows.append(
-            f"{name:<9} {conditional.parameters / 1e6:>21.1f}M "
+            f"{name:<14} {conditional.parameters / 1e6:>21.1f}M "
             f"{unconditional.parameters / 1e6:>16.1f}M "
             f"{conditional.gmacs:>8.2f} {conditional.gflops:>8.2f}  {PAPER_FIGURES.get(name, '')}"
         )
@@ -75,6 +86,21 @@ def diffit_table() -> str:
     return "\n".join(rows)
 
 
+def dit_table(height: int = 32, width: int = 32) -> str:
+    """Parameters (diffusers' model, and as the DiT paper counts them: one shared timestep and
+    label embedding instead of one per block) and forward cost of every original-DiT preset."""
+    rows = [f"{'preset':<9} {'params':>9} {'paper count':>12} {'GMACs':>8}  paper"]
+    for name in DiTBaselineTransformer2DModel.list_presets():
+        cost = preset_cost(name, height, width)
+        with torch.device("meta"):
+            shared = paper_parameter_count(DiTBaselineTransformer2DModel.from_preset(name))
+        rows.append(
+            f"{name:<9} {cost.parameters / 1e6:>8.1f}M {shared / 1e6:>11.1f}M "
+            f"{cost.gmacs:>8.2f}  {PAPER_FIGURES.get(name, '')}"
+        )
+    return "\n".join(rows)
+
+
 def sizes(argv: list[str] | None = None) -> int:
     """Build a model, run a forward pass on a random latent, print its size and cost, and the
     table of every preset (exit status 2 with the message for a bad argument)."""
@@ -83,7 +109,8 @@ def sizes(argv: list[str] | None = None) -> int:
 
 def _sizes(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="mdit-sizes", description=sizes.__doc__)
-    parser.add_argument("--preset", default="MDiT-B", choices=MDiTTransformer2DModel.list_presets())
+    presets = [*MDiTTransformer2DModel.list_presets(), *MDiTTransformer2DModel.preset_aliases]
+    parser.add_argument("--preset", default="MDiT-B", choices=presets)
     parser.add_argument("--resolution", type=int, default=32, help="latent height and width")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -126,6 +153,11 @@ def _sizes(argv: list[str] | None) -> None:
             "(built on the meta device):"
         )
         print(preset_table(args.resolution, args.resolution))
+        print(
+            "\nOriginal DiT presets (Peebles & Xie; diffusers' DiTTransformer2DModel, which gives "
+            "every block its own timestep and label embedding) at the same size:"
+        )
+        print(dit_table(args.resolution, args.resolution))
         print("\nDiffiT presets at their training size (class-conditional where the preset is):")
         print(diffit_table())
 

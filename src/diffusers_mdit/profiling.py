@@ -47,17 +47,17 @@ def config_cost(
     config, height: int = 32, width: int = 32, batch_size: int = 1, **overrides
 ) -> ModelCost:
     """Parameters and forward FLOPs of the model of ``config`` (a dict or FrozenDict; its
-    ``_class_name`` picks MDiT, the default, or a DiffiT) with ``overrides``, built on the meta
-    device so that every count is exact and nothing is allocated."""
-    from . import models
+    ``_class_name`` picks a family of ``families.FAMILIES``, MDiT by default) with
+    ``overrides``, built on the meta device so that every count is exact and nothing is
+    allocated."""
+    from .families import FAMILIES
 
     config = {**dict(config), **overrides}
     name = config.get("_class_name", "MDiTTransformer2DModel")
-    families = ("MDiTTransformer2DModel", "DiffiTTransformer2DModel", "DiffiTUNet2DModel")
-    if name not in families:
-        raise ValueError(f"config_cost counts {', '.join(families)}; this config is {name!r}.")
+    if name not in FAMILIES:
+        raise ValueError(f"config_cost counts {', '.join(FAMILIES)}; this config is {name!r}.")
     with torch.device("meta"):
-        model = getattr(models, name).from_config(config)
+        model = FAMILIES[name].model_class.from_config(config)
         return _meta_cost(model, height, width, batch_size)
 
 

@@ -7,6 +7,7 @@ from .diffit import (
     DiffiTUNet2DModel,
     TimeDependentSelfAttention,
 )
+from .dit import DIT_PRESETS, DiTBaselineTransformer2DModel, paper_parameter_count
 from .mdit import MDIT_PRESETS, AggregateBlock, CoreBlock, MDiTTransformer2DModel, OuterBlock
 from .neighborhood_attention import neighborhood_attention
 from .presets import from_preset, list_presets
@@ -15,12 +16,14 @@ from .rope import PartialAxialRoPE
 __all__ = [
     "DIFFIT_PRESETS",
     "DIFFIT_UNET_PRESETS",
+    "DIT_PRESETS",
     "MDIT_PRESETS",
     "AggregateBlock",
     "CoreBlock",
     "DiffiTBlock",
     "DiffiTResBlock",
     "DiffiTTransformer2DModel",
+    "DiTBaselineTransformer2DModel",
     "DiffiTUNet2DModel",
     "MDiTTransformer2DModel",
     "OuterBlock",
@@ -29,4 +32,5 @@ __all__ = [
     "from_preset",
     "list_presets",
     "neighborhood_attention",
+    "paper_parameter_count",
 ]

@@ -798,12 +798,17 @@ MDIT_PRESETS: dict[str, dict[str, Any]] = {
     # Paper gives only the layout {4, 9, 8, 12}; widths are ours: DiT-XL's 1152 in the core,
     # half of it outside, 1.5 x 18 = 27 aggregate heads.
     "MDiT-XL": _mdit(4, 9, 8, 12, 576, 1152),
-    # DiT analogs {0, 0, 0, L} at the core width; L is the depth whose class-conditional
-    # parameter count is closest to the MDiT preset's (tests/models/test_mdit.py checks it).
-    "DiT-S": _dit_analog(6, 256, sample_size=16),
-    "DiT-B": _dit_analog(12, 768),
-    "DiT-L": _dit_analog(24, 1024),
-    "DiT-XL": _dit_analog(27, 1152),
+    # DiT analogs {0, 0, 0, L}: MDiT's core blocks without the outer level, at the core width;
+    # L is the depth whose class-conditional parameter count is closest to the MDiT preset's
+    # (tests/models/test_mdit.py checks it). Not the original DiT: that is "DiT-B/2" etc.
+    # (models/dit.py).
+    "MDiT-analog-S": _dit_analog(6, 256, sample_size=16),
+    "MDiT-analog-B": _dit_analog(12, 768),
+    "MDiT-analog-L": _dit_analog(24, 1024),
+    "MDiT-analog-XL": _dit_analog(27, 1152),
 }
 
-register_presets(MDiTTransformer2DModel, MDIT_PRESETS)
+# The analogs' former names, which read as the original DiT.
+MDIT_PRESET_ALIASES = {f"DiT-{size}": f"MDiT-analog-{size}" for size in ("S", "B", "L", "XL")}
+
+register_presets(MDiTTransformer2DModel, MDIT_PRESETS, MDIT_PRESET_ALIASES)
