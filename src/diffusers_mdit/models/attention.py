@@ -240,6 +240,11 @@ class TimeTokenCrossAttention(nn.Module, AttentionModuleMixin):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=False)])
         self.set_processor(TimeTokenAttnProcessor())
 
+    def fuse_projections(self) -> None:
+        # diffusers before 0.42 does not read _supports_qkv_fusion.
+        if self._supports_qkv_fusion:
+            super().fuse_projections()
+
     def forward(
         self,
         x: torch.Tensor,

@@ -202,8 +202,6 @@ class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
         if embeds is None:
             if mask is not None:
                 raise ValueError(f"{name}_attention_mask was given without {name}_embeds.")
-            if prompt is None and name == "prompt":
-                raise ValueError("Give prompt or prompt_embeds.")
             prompts = _prompt_list(name, prompt)
             return self.encode_prompt(prompts, num_images_per_prompt, max_sequence_length)
         if prompt is not None:
