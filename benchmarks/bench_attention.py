@@ -137,6 +137,8 @@ def main() -> None:
     use_natten = not args.no_natten and natten_importable()
     natten_bwd = device.type == "cuda"  # NATTEN's CPU path has no backward
     natten_max = args.natten_max_size or (32 if device.type == "cpu" else max(args.sizes))
+    # CPU flex_attention is unfused (full score matrices) and forward-only: small grids only.
+    flex_max = 32 if device.type == "cpu" else max(args.sizes)
     warnings.filterwarnings("ignore", module=r"(natten|torch\.nn\.attention)")
 
     print("neighborhood attention benchmark")
@@ -163,7 +165,8 @@ def main() -> None:
 
     header = (
         f"{'grid':>7} {'k':>3} | {'global fwd':>10} {'f+b':>8} | {'ours fwd':>9} {'f+b':>8} | "
-        f"{'natten fwd':>10} {'f+b':>8} | {'glob/ours fwd':>13} {'f+b':>6} | "
+        f"{'natten fwd':>10} {'f+b':>8} | {'flex fwd':>9} {'f+b':>8} | "
+        f"{'glob/ours fwd':>13} {'f+b':>6} | "
         f"{'max|diff| out':>13} {'grad':>8}"
     )
     print(header)
@@ -191,6 +194,13 @@ def main() -> None:
                     ),
                     (False, True) if natten_bwd else (False,),
                 )
+            if size <= flex_max and kernel <= size:
+                methods["flex"] = (
+                    lambda q, k, v, kernel=kernel: neighborhood_attention(
+                        q, k, v, kernel, backend="flex"
+                    ),
+                    (False, True) if device.type == "cuda" else (False,),
+                )
             times: Times = {}
             for round_ in range(args.warmup + args.repeats):
                 for name, (fn, modes) in methods.items():
@@ -207,7 +217,8 @@ def main() -> None:
                 f"{size:>3}x{size:<3} {kernel:>3} | {cell(times, 'global', False, 10)} "
                 f"{cell(times, 'global', True, 8)} | {cell(times, 'ours', False, 9)} "
                 f"{cell(times, 'ours', True, 8)} | {cell(times, 'natten', False, 10)} "
-                f"{cell(times, 'natten', True, 8)} | {ratio(times, False, 12)} "
+                f"{cell(times, 'natten', True, 8)} | {cell(times, 'flex', False, 9)} "
+                f"{cell(times, 'flex', True, 8)} | {ratio(times, False, 12)} "
                 f"{ratio(times, True, 5)} | {diff_cells}",
                 flush=True,
             )

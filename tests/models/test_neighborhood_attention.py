@@ -286,7 +286,7 @@ def test_bad_inputs():
     for kernel in (0, (3, 3, 3), 2.5, (3, 0)):
         with pytest.raises(ValueError, match="kernel_size"):
             neighborhood_attention(q, k, v, kernel)
-    with pytest.raises(ValueError, match="'natten', 'torch', 'reference'"):
+    with pytest.raises(ValueError, match="'natten', 'flex', 'torch', 'reference'"):
         neighborhood_attention(q, k, v, 3, backend="flash")
 
 
@@ -298,7 +298,9 @@ def test_auto_backend_selection(monkeypatch):
     assert resolve_backend("cuda") == "natten"
     assert resolve_backend("cpu") == "torch"  # NATTEN on CPU has no backward
     monkeypatch.setattr(na, "_natten_info", lambda: (True, False, ""))
-    assert resolve_backend("cuda") == "torch"  # no compiled library
+    assert resolve_backend("cuda") == "flex"  # no compiled library: no NATTEN build needed
+    monkeypatch.setattr(na, "_HAS_FLEX", False)
+    assert resolve_backend("cuda") == "torch"  # a PyTorch without flex_attention
 
 
 def test_env_var_forces_backend(monkeypatch):
@@ -316,4 +318,61 @@ def test_unavailable_natten_raises(monkeypatch):
     monkeypatch.setattr(na, "_natten_info", lambda: (False, False, "ImportError: no natten"))
     with pytest.raises(ValueError, match="pip install --no-build-isolation natten"):
         resolve_backend("cpu", "natten")
-    assert resolve_backend("cuda") == "torch"
+    assert resolve_backend("cuda") == "flex"
+
+
+# ---- the Flex Attention backend ---------------------------------------------------------------
+
+FLEX_CASES = [
+    (1, 8, 8, 2, 16, 3),
+    (2, 7, 9, 2, 16, (3, 5)),
+    (1, 16, 16, 1, 32, 7),
+    (1, 6, 10, 2, 16, 4),
+]
+
+
+@pytest.mark.parametrize("b, h, w, heads, d, kernel", FLEX_CASES)
+def test_flex_forward_matches_reference(b, h, w, heads, d, kernel):
+    q, k, v = qkv(b, h, w, heads, d)
+    expected = neighborhood_attention(q, k, v, kernel, backend="reference")
+    actual = neighborhood_attention(q, k, v, kernel, backend="flex")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("b, h, w, heads, d, kernel", FLEX_CASES)
+def test_flex_mask_is_the_window_rule_and_gives_the_reference_gradients(b, h, w, heads, d, kernel):
+    """flex_attention's backward (CUDA only) runs on the same block mask as its forward; on CPU
+    the mask is checked against the brute-force rule and, as a dense mask, gives the reference
+    backend's values and q/k/v gradients."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    dense = create_mask(na.flex_mask_mod(h, w, kh, kw), None, None, h * w, h * w, device="cpu")
+    assert torch.equal(dense[0, 0], window_mask(h, w, kh, kw))
+    block = na.flex_block_mask(h, w, kh, kw, "cpu")
+    assert torch.equal(block.to_dense().bool().any(), torch.tensor(True))
+
+    def via_mask(q, k, v):
+        def flat(t):
+            return t.reshape(b, h * w, heads, d).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            flat(q), flat(k), flat(v), attn_mask=dense
+        )
+        return out.transpose(1, 2).reshape(b, h, w, heads, d)
+
+    inputs = [t.requires_grad_() for t in qkv(b, h, w, heads, d)]
+    twins = [t.detach().clone().requires_grad_() for t in inputs]
+    grad = randn(b, h, w, heads, d, seed=9)
+    via_mask(*inputs).backward(grad)
+    neighborhood_attention(*twins, kernel, backend="reference").backward(grad)
+    for ours, reference in zip(inputs, twins, strict=True):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_refuses_training_on_cpu_with_a_clear_message():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 8, 8, 1, 16))
+    with pytest.raises(ValueError, match="no backward on CPU.*backend='torch'"):
+        neighborhood_attention(q, k, v, 3, backend="flex")
+    with torch.no_grad():  # sampling is fine
+        assert neighborhood_attention(q, k, v, 3, backend="flex").shape == q.shape

@@ -18,9 +18,18 @@ Backends (``backend=None`` or ``"auto"`` picks one, see :func:`resolve_backend`)
     ``natten.na2d``. The choice on CUDA when NATTEN's compiled library is present. On CPU,
     NATTEN 0.21 only has an unfused Flex Attention forward (no backward) and is slow; it is kept
     there for agreement tests.
+``"flex"``
+    ``torch.nn.attention.flex_attention`` with a 2-D neighborhood block mask (the window rule
+    above as a ``mask_mod``; blocks entirely outside every window are skipped), compiled by
+    ``torch.compile`` into one fused kernel on CUDA: the choice on CUDA when NATTEN's library is
+    absent, so GPUs need no NATTEN build. On CPU PyTorch runs it unfused and forward only
+    (``flex_attention`` has no CPU backward); the tests check its forward against the reference
+    and its mask, which is what its backward uses too, through the dense path. It computes in
+    the input dtype with float32 accumulation; the models pass float32 under autocast, as the
+    paper says (attention math in float32).
 ``"torch"``
     Tiled attention built on ``scaled_dot_product_attention``; differentiable and the default
-    on CPU (and on GPUs without NATTEN). See below.
+    on CPU. See below.
 ``"reference"``
     Gathers every query's ``kh * kw`` keys and values with index tensors and does two batched
     matmuls. Obviously correct, memory hungry, and used on the ``meta`` device: its matmuls have
@@ -77,7 +86,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("natten", "torch", "reference")
+BACKENDS = ("natten", "flex", "torch", "reference")
 ENV_VAR = "DIFFUSERS_MDIT_NA_BACKEND"
 _NATTEN_INSTALL = "pip install --no-build-isolation natten"
 
@@ -116,7 +125,8 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
 
     ``backend=None`` reads ``DIFFUSERS_MDIT_NA_BACKEND`` and otherwise, like ``"auto"``,
     picks: ``"natten"`` for CUDA tensors when NATTEN and its compiled library are installed,
-    ``"reference"`` on the ``meta`` device, ``"torch"`` everywhere else.
+    else ``"flex"`` on CUDA, ``"reference"`` on the ``meta`` device, ``"torch"`` everywhere
+    else.
 
     Raises:
         ValueError: unknown backend name, or a forced backend that is not available.
@@ -130,11 +140,19 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
         importable, has_lib, _ = _natten_info()
         if device_type == "cuda" and importable and has_lib:
             return "natten"
+        if device_type == "cuda" and _HAS_FLEX:
+            return "flex"
         return "torch"
     name = backend.lower()
     if name not in BACKENDS:
         valid = ", ".join(repr(b) for b in ("auto", *BACKENDS))
         raise ValueError(f"Unknown neighborhood attention {source} {backend!r}; valid: {valid}.")
+    if name == "flex" and not _HAS_FLEX:
+        raise ValueError(
+            f"Neighborhood attention backend 'flex' was requested ({source}) but this PyTorch "
+            f"({torch.__version__}) has no torch.nn.attention.flex_attention; upgrade PyTorch "
+            "(>= 2.5) or use backend='torch'."
+        )
     if name == "natten":
         importable, _, error = _natten_info()
         if not importable:
@@ -185,8 +203,8 @@ def neighborhood_attention(
             and shape.
         kernel_size: Window size, an int or ``(kh, kw)``; clamped to ``(H, W)``.
         scale: Score scale, default ``head_dim ** -0.5``.
-        backend: ``"natten"``, ``"torch"``, ``"reference"``, ``"auto"``, or ``None`` (the
-            environment variable ``DIFFUSERS_MDIT_NA_BACKEND``, else ``"auto"``).
+        backend: ``"natten"``, ``"flex"``, ``"torch"``, ``"reference"``, ``"auto"``, or
+            ``None`` (the environment variable ``DIFFUSERS_MDIT_NA_BACKEND``, else ``"auto"``).
 
     Returns:
         ``(B, H, W, heads, head_dim)`` in the input dtype.
@@ -212,6 +230,8 @@ def neighborhood_attention(
         name = "torch"  # auto-selected NATTEN cannot do 1-wide windows; same result, no error
     if name == "reference":
         return _reference(query, key, value, kh, kw, scale)
+    if name == "flex":
+        return _flex(query, key, value, kh, kw, scale)
     return _torch(query, key, value, kh, kw, scale)
 
 
@@ -278,6 +298,70 @@ def _reference(
     probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)  # (B, heads, HW, 1, kk)
     out = (probs @ v).reshape(batch, heads, height, width, dim)
     return out.permute(0, 2, 3, 1, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flex Attention backend
+# ----------------------------------------------------------------------------------------------
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    _HAS_FLEX = True
+except ImportError:  # PyTorch < 2.5
+    _HAS_FLEX = False
+
+
+def flex_mask_mod(height: int, width: int, kh: int, kw: int):
+    """The window rule as a Flex Attention ``mask_mod`` over flat ``H*W`` token indices: key
+    ``kv`` is visible to query ``q`` when it lies in ``q``'s clamped ``kh x kw`` window."""
+
+    def mask_mod(batch, head, q, kv):
+        q_row, q_col, kv_row, kv_col = q // width, q % width, kv // width, kv % width
+        row0 = (q_row - kh // 2).clamp(0, height - kh)
+        col0 = (q_col - kw // 2).clamp(0, width - kw)
+        rows = (kv_row >= row0) & (kv_row < row0 + kh)
+        return rows & (kv_col >= col0) & (kv_col < col0 + kw)
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=32)
+def flex_block_mask(height: int, width: int, kh: int, kw: int, device: str):
+    """The block mask of :func:`flex_mask_mod` (shared by every batch and head)."""
+    tokens = height * width
+    mask_mod = flex_mask_mod(height, width, kh, kw)
+    return create_block_mask(mask_mod, None, None, tokens, tokens, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kh: int, kw: int, scale: float
+) -> torch.Tensor:
+    batch, height, width, heads, dim = query.shape
+    if (
+        query.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+    ):
+        raise ValueError(
+            "The 'flex' neighborhood attention backend has no backward on CPU (PyTorch's "
+            "flex_attention is forward-only there); use backend='torch' to train on CPU."
+        )
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        if query.device.type == "cpu":  # CPU flex refuses tensors that require grad at all
+            t = t.detach()
+        return t.reshape(batch, height * width, heads, dim).transpose(1, 2)
+
+    mask = flex_block_mask(height, width, kh, kw, str(query.device))
+    attend = _compiled_flex_attention() if query.device.type == "cuda" else flex_attention
+    out = attend(flat(query), flat(key), flat(value), block_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(batch, height, width, heads, dim)
 
 
 # ----------------------------------------------------------------------------------------------
