@@ -47,3 +47,14 @@ def test_compile_benchmark_quick_run_prints_its_ratio():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "eager / compiled step time" in result.stdout, result.stdout[-2000:]
+
+
+def test_gpu_benchmark_runs_on_cpu_quick():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_gpu.py"), "--device", "cpu",
+         "--quick"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("MDiT-S / DiT-S/2 (eager)", "neighborhood attention", "sampling latency"):
+        assert line in result.stdout, (line, result.stdout[-2000:])
