@@ -23,7 +23,11 @@ import re
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _AttentionBackendRegistry,
+    dispatch_attention_fn,
+)
 from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from torch import nn
 
@@ -59,11 +63,17 @@ def dispatch_attention(
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` of float32 ``(B, S, heads, D)`` tensors through diffusers'
-    dispatcher. ``backend=None`` (none chosen on the processor): float32 math with autocast off
-    (G.1); a chosen backend computes in ``dtype``. Returns ``(B, S, heads, D)``."""
+    dispatcher. No backend chosen (none on the processor, and diffusers' active backend is the
+    default native one): float32 math with autocast off (G.1). A chosen backend (on the
+    processor, or through ``attention_backend(...)`` / ``DIFFUSERS_ATTN_BACKEND``) computes in
+    ``dtype``. Returns ``(B, S, heads, D)``."""
     if backend is None:
-        with _no_autocast(query.device):
-            return dispatch_attention_fn(query, key, value, attn_mask=attn_mask)
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+        if backend == AttentionBackendName.NATIVE:
+            with _no_autocast(query.device):
+                return dispatch_attention_fn(
+                    query, key, value, attn_mask=attn_mask, backend=backend
+                )
     query, key, value = (t.to(dtype) for t in (query, key, value))
     return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, backend=backend)
 
