@@ -471,6 +471,43 @@ def test_sigterm_to_accelerate_launch_saves_a_checkpoint(tmp_path):
     assert not (out / "model_index.json").exists()
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_launch_stops_both_after_the_same_step_and_saves(tmp_path):
+    """torchrun (accelerate launch --multi_gpu) forwards SIGTERM to every process; the stop is
+    all-reduced, so both leave the loop after the same step and write one checkpoint together."""
+    out = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true"}  # fmt: skip
+    argv = run_flags(tmp_path, out, train_batch_size=4, max_train_steps=100_000,
+                     checkpointing_steps=100_000)  # fmt: skip
+    log = tmp_path / "log.txt"
+    with open(log, "w") as stderr:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+             "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29541",
+             "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN_SCRIPT, *argv],
+            env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
+    deadline = time.time() + 300
+    while "it/s" not in log.read_text() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # until training runs (the progress bar appears)
+    time.sleep(2.0)
+    assert launcher.poll() is None, log.read_text()[-3000:]
+    launcher.send_signal(signal.SIGTERM)
+    stdout, _ = launcher.communicate(timeout=120)
+    assert stdout.count("Stopped at step") == 2, (stdout, log.read_text()[-3000:])
+    steps = {int(line.split("Stopped at step ")[1].split(" ")[0])
+             for line in stdout.splitlines() if "Stopped at step" in line}  # fmt: skip
+    assert len(steps) == 1  # both processes stopped after the same step
+    checkpoints = list_checkpoints(str(out))
+    assert [step for step, _ in checkpoints] == list(steps)
+    assert sorted(os.listdir(checkpoints[0][1])) == sorted(
+        ["model.safetensors", "optimizer.json", "optimizer.safetensors", "lr_scheduler.json",
+         "lr_scheduler.safetensors", "ema.json", "ema.safetensors", "rng-0.json",
+         "rng-0.safetensors", "rng-1.json", "rng-1.safetensors", "training_state.json"]
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("damage", ["missing", "mis-shaped"])
 def test_from_pretrained_refuses_incomplete_weights(tmp_path, damage):
     from diffusers_mdit import MDiTTransformer2DModel
