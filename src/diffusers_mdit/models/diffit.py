@@ -563,6 +563,9 @@ class DiffiTUNet2DModel(
     The decoder's last level has no ResBlocks of the bottom resolution: as in table S.3 the
     bottom level is visited once, by the encoder.
 
+    Not a diffusers ``CacheMixin``, for the reason given in :class:`DiffiTTransformer2DModel`;
+    besides, a U-Net's blocks change resolution, so no block's output stands in for the rest.
+
     Parameters:
         sample_size (`int`, defaults to 32): Training image size (a default for pipelines).
         in_channels (`int`, defaults to 3): Image channels.
