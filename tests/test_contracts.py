@@ -109,19 +109,6 @@ class TestDiTBaselineContract(ModelContract):
             class_labels=torch.tensor([0, 2]),
         )
 
-    # Known gaps of the DiT baseline (issue 20), strict so that closing them shows here.
-    @pytest.mark.xfail(strict=True, raises=AttributeError, reason="no AttentionMixin in its bases")
-    def test_attention_processors_backend_and_fused_projections(self, model):
-        super().test_attention_processors_backend_and_fused_projections(model)
-
-    @pytest.mark.xfail(strict=True, raises=AttributeError, reason="no PeftAdapterMixin")
-    def test_diffusers_default_lora_targets_and_call_time_scale(self, model):
-        super().test_diffusers_default_lora_targets_and_call_time_scale(model)
-
-    @pytest.mark.xfail(strict=True, raises=AttributeError, reason="no PeftAdapterMixin")
-    def test_package_lora_groups_adapt(self, model):
-        super().test_package_lora_groups_adapt(model)
-
 
 def test_compile_repeated_blocks_on_cpu():
     """``compile_repeated_blocks`` finds the blocks named by ``_repeated_blocks``."""

@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models import DiTTransformer2DModel
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import AttentionMixin, BasicTransformerBlock
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from torch import nn
 
 from ..hub import HubModelMixin
@@ -50,7 +52,9 @@ from .validation import (
 )
 
 
-class DiTBaselineTransformer2DModel(HubModelMixin, DiTTransformer2DModel, PresetMixin):
+class DiTBaselineTransformer2DModel(
+    HubModelMixin, DiTTransformer2DModel, AttentionMixin, PeftAdapterMixin, PresetMixin
+):
     r"""The original DiT (Peebles & Xie 2023) with this package's conventions (see the module
     docstring for why a subclass of diffusers' ``DiTTransformer2DModel``).
 
@@ -226,7 +230,8 @@ class DiTBaselineTransformer2DModel(HubModelMixin, DiTTransformer2DModel, Preset
             timestep: Diffusion timestep(s), scalar or ``(B,)``, in the scheduler's units.
             class_labels: ``(B,)`` labels in ``[0, num_classes]``; ``num_classes`` (or
                 ``None``) is the null label. Unconditional models take none.
-            cross_attention_kwargs: Passed to diffusers' attention processors.
+            cross_attention_kwargs: Passed to diffusers' attention processors; ``scale``, the
+                LoRA scale at call time (as diffusers' U-Nets take it).
             return_dict: Return a ``Transformer2DModelOutput`` instead of a tuple.
 
         Returns:
@@ -242,13 +247,39 @@ class DiTBaselineTransformer2DModel(HubModelMixin, DiTTransformer2DModel, Preset
         batch, device = hidden_states.shape[0], hidden_states.device
         check_class_labels(class_labels, config.num_classes, batch)
         class_labels = null_labels_if_missing(class_labels, config.num_classes, batch, device)
-        return super().forward(
-            hidden_states.to(self.dtype),
-            timestep=expand_timestep(timestep, batch, device),
-            class_labels=class_labels,
-            cross_attention_kwargs=cross_attention_kwargs,
-            return_dict=return_dict,
-        )
+        kwargs = dict(cross_attention_kwargs or {})
+        lora_scale = kwargs.pop("scale", 1.0)
+        if USE_PEFT_BACKEND:
+            scale_lora_layers(self, lora_scale)
+        try:
+            return super().forward(
+                hidden_states.to(self.dtype),
+                timestep=expand_timestep(timestep, batch, device),
+                class_labels=class_labels,
+                cross_attention_kwargs=kwargs or None,
+                return_dict=return_dict,
+            )
+        finally:
+            if USE_PEFT_BACKEND:
+                unscale_lora_layers(self, lora_scale)
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse each attention's q, k, v projections into one matmul (diffusers' legacy
+        ``Attention.fuse_projections`` with ``FusedAttnProcessor2_0``, as its U-Nets do:
+        ``AttentionMixin``'s version only fuses the newer attention modules)."""
+        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+        self.original_attn_processors = self.attn_processors
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(fuse=True)
+        self.set_attn_processor(FusedAttnProcessor2_0())
+
+    def unfuse_qkv_projections(self) -> None:
+        """Back to the separate projections (and the processors before fusing)."""
+        if getattr(self, "original_attn_processors", None) is not None:
+            self.set_attn_processor(self.original_attn_processors)
+            self.original_attn_processors = None
 
 
 def paper_parameter_count(model: DiTBaselineTransformer2DModel) -> int:
