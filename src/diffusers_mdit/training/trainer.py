@@ -1,16 +1,23 @@
 """The training loop behind ``training/train_mdit.py`` and ``training/train_diffit.py``.
 
-It wires the library pieces: a dataset (:mod:`.data`), a model from a preset or a config JSON,
-an objective with its regularisers (:mod:`.objectives`, :mod:`.losses`), accelerate for devices,
-mixed precision and distribution, diffusers' ``EMAModel``, and atomic checkpoints with exact
-resumption (:mod:`.checkpointing`). With ``--train_shards`` it trains on precomputed latents
-(:mod:`.shards`): class-conditional, with auxiliary scale/aspect conditions, or text-to-image,
-and saves the pipeline with the shards' VAE (and text encoder).
+It wires the library pieces: a :class:`.config.TrainingConfig`, a dataset
+(:mod:`diffusers_mdit.data`) read by the step-indexed loader (:mod:`.loader`), a model from a
+preset, a config JSON or a pre-trained folder (:mod:`diffusers_mdit.families`), an objective
+with its regularisers (:mod:`.objectives`, :mod:`.losses`), accelerate for devices, mixed
+precision and distribution, diffusers' ``EMAModel``, and atomic pickle-free checkpoints with
+exact resumption (:mod:`.checkpointing`). With ``--train_shards`` it trains on precomputed
+latents: class-conditional, with auxiliary scale/aspect conditions, or text-to-image, and
+saves the pipeline with the shards' VAE (and text encoder).
 
-Exact resumption: batches, noise, timesteps, dropout and latent flips of a step come from a
-generator seeded with (seed, step, process) and indices that are a function of the step, so
-nothing depends on state other than the checkpointed model, EMA, optimizer and LR schedule. On
-CPU a run killed at any step and resumed ends with the same weights as an uninterrupted one.
+The parts, in order: :func:`setup` (data, model, objective, optimizer, EMA), :func:`resume`,
+:func:`train_step` with :func:`model_inputs` (one global batch to the model's inputs), then
+:func:`validate` and :func:`save_final`; :func:`train` runs them.
+
+Exact resumption: batches, noise, timesteps, dropout and flips of a step come from generators
+seeded with (seed, step) and indices that are a function of the step, so nothing depends on
+state other than the checkpointed model, EMA, optimizer and LR schedule. On CPU a run killed at
+any step and resumed ends with the same weights as an uninterrupted one, with any number of
+loader workers.
 """
 
 from __future__ import annotations
@@ -44,10 +51,7 @@ from ..data import (
 )
 from ..data.shards import LatentShardDataset
 from ..families import FAMILIES, family_of, load_model
-from ..models import (
-    MDiTTransformer2DModel,
-    from_preset,
-)
+from ..models import MDiTTransformer2DModel, from_preset
 from ..models.presets import PRESET_OWNERS
 from ..pipelines import MDiTTextToImagePipeline
 from .checkpointing import (
@@ -101,46 +105,50 @@ def run_settings(config: TrainingConfig, accelerator) -> dict:
     return json.loads(json.dumps(settings))
 
 
-def build_dataset(args, min_length: int = 1):
+def build_dataset(config: TrainingConfig, min_length: int = 1):
     """The training data and its number of classes. ``--max_train_samples`` subsets are
     repeated to at least ``min_length`` items (the global batch)."""
-    digits = not args.train_shards and args.train_data_dir is None and args.dataset_name == "digits"
-    if args.held_out_fraction and not digits:
+    digits = (
+        not config.train_shards
+        and config.train_data_dir is None
+        and config.dataset_name == "digits"
+    )
+    if config.held_out_fraction and not digits:
         raise ValueError(
             "--held_out_fraction splits the built-in digits only; for other data, hold images "
             "out of the folder or dataset itself (or use a glob of latent shards)."
         )
-    if args.train_shards:
-        if args.max_train_samples is not None:
+    if config.train_shards:
+        if config.max_train_samples is not None:
             raise ValueError(
                 "--max_train_samples does not subset latent shards; pass a glob of fewer "
                 "shards to --train_shards instead."
             )
-        shards = LatentShardDataset(args.train_shards)
+        shards = LatentShardDataset(config.train_shards)
         return shards, shards.num_classes
     if digits:
         indices = None
-        if args.held_out_fraction or args.max_train_samples is not None:
+        if config.held_out_fraction or config.max_train_samples is not None:
             kept = range(DIGITS_IMAGES)
-            if args.held_out_fraction:
-                kept = digits_split(args.held_out_fraction)[0].tolist()
-            indices = subset_indices(kept, args.max_train_samples, min_length)
-        return DigitsDataset(args.resolution, channels=3, indices=indices), DIGITS_CLASSES
+            if config.held_out_fraction:
+                kept = digits_split(config.held_out_fraction)[0].tolist()
+            indices = subset_indices(kept, config.max_train_samples, min_length)
+        return DigitsDataset(config.resolution, channels=3, indices=indices), DIGITS_CLASSES
     data = ImageDataset(
-        dataset_name=None if args.train_data_dir else args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        resolution=args.resolution,
+        dataset_name=None if config.train_data_dir else config.dataset_name,
+        train_data_dir=config.train_data_dir,
+        resolution=config.resolution,
         random_flip=False,  # flips are drawn per step by the loader (exact resumption)
-        image_column=args.image_column,
-        label_column=args.label_column,
+        image_column=config.image_column,
+        label_column=config.label_column,
     )
-    if args.max_train_samples is not None:
-        data = data.select(subset_indices(range(len(data)), args.max_train_samples, min_length))
+    if config.max_train_samples is not None:
+        data = data.select(subset_indices(range(len(data)), config.max_train_samples, min_length))
     return data, (max(data.labels) + 1 if data.labels else 0)
 
 
 def build_model(
-    args,
+    config: TrainingConfig,
     num_classes: int,
     channels: int,
     sample_size: int | None = None,
@@ -148,43 +156,43 @@ def build_model(
 ):
     """The model of ``--preset`` or ``--model_config`` for this data (channels, classes,
     resolution or latent ``sample_size``, learned variance, text width, auxiliary conditions)."""
-    out_channels = 2 * channels if args.learned_variance else channels
+    out_channels = 2 * channels if config.learned_variance else channels
     overrides = dict(in_channels=channels, out_channels=out_channels, num_classes=num_classes)
-    overrides["sample_size"] = sample_size or args.resolution
+    overrides["sample_size"] = sample_size or config.resolution
     if cross_attention_dim is not None:
         overrides["cross_attention_dim"] = cross_attention_dim
-    if args.use_aux_conditions:
+    if config.use_aux_conditions:
         overrides["use_aux_conditions"] = True
-    if args.model_config:
-        with open(args.model_config) as f:
-            config = json.load(f)
-        name = config.get("_class_name", MDiTTransformer2DModel.__name__)
+    if config.model_config:
+        with open(config.model_config) as f:
+            saved = json.load(f)
+        name = saved.get("_class_name", MDiTTransformer2DModel.__name__)
         if name not in FAMILIES:
             raise ValueError(
-                f"{args.model_config} configures {name!r}; trainable models: {sorted(FAMILIES)}."
+                f"{config.model_config} configures {name!r}; trainable models: {sorted(FAMILIES)}."
             )
         family = FAMILIES[name].model_class
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        saved = {k: v for k, v in saved.items() if not k.startswith("_")}
     else:
-        if args.preset not in PRESET_OWNERS:
+        if config.preset not in PRESET_OWNERS:
             raise ValueError(
-                f"Unknown preset {args.preset!r}; available: {', '.join(PRESET_OWNERS)}."
+                f"Unknown preset {config.preset!r}; available: {', '.join(PRESET_OWNERS)}."
             )
-        family = PRESET_OWNERS[args.preset]
+        family = PRESET_OWNERS[config.preset]
     if family is not MDiTTransformer2DModel and (
-        cross_attention_dim is not None or args.use_aux_conditions
+        cross_attention_dim is not None or config.use_aux_conditions
     ):
         raise ValueError(
             f"Text and auxiliary conditions need an MDiT; {family.__name__} takes class labels "
             "only. Choose an MDiT preset or config."
         )
-    if args.model_config:
-        model = family.from_config({**config, **overrides})
+    if config.model_config:
+        model = family.from_config({**saved, **overrides})
     else:
-        model = from_preset(args.preset, **overrides)
+        model = from_preset(config.preset, **overrides)
     size = overrides["sample_size"]
     if size % model.size_multiple:
-        what = f"The shards' latent size {size}" if args.train_shards else f"--resolution {size}"
+        what = f"The shards' latent size {size}" if config.train_shards else f"--resolution {size}"
         raise ValueError(
             f"{what} must be a multiple of {model.size_multiple} (the model's patching); "
             "choose another resolution or preset."
@@ -192,7 +200,7 @@ def build_model(
     return model
 
 
-def check_data_arguments(args, dataset) -> None:
+def check_data_arguments(config: TrainingConfig, dataset) -> None:
     """Clear errors for flags that the training data cannot serve."""
     if not isinstance(dataset, LatentShardDataset):
         for flag in (
@@ -200,13 +208,13 @@ def check_data_arguments(args, dataset) -> None:
             "pretrained_vae_model_name_or_path",
             "text_encoder_name_or_path",
         ):
-            if getattr(args, flag):
+            if getattr(config, flag):
                 raise ValueError(
                     f"--{flag} needs --train_shards (latent shards from "
                     "training/prepare_latents.py); pixel datasets have no VAE, text or "
                     "auxiliary values."
                 )
-    elif args.random_flip and not dataset.has_flips:
+    elif config.random_flip and not dataset.has_flips:
         raise ValueError(
             f"--random_flip: the shards in {dataset.folder!r} store no flipped latents (caption "
             "shards never do); drop the flag."
@@ -214,21 +222,26 @@ def check_data_arguments(args, dataset) -> None:
 
 
 def finetuning_model(
-    args, accelerator, num_classes, channels, sample_size, cross_attention_dim=None
+    config: TrainingConfig,
+    accelerator,
+    num_classes,
+    channels,
+    sample_size,
+    cross_attention_dim=None,
 ):
     """The ``--pretrained_model_name_or_path`` model set up for ``--finetune``, checked
     against what the training data needs."""
-    if not args.pretrained_model_name_or_path:
+    if not config.pretrained_model_name_or_path:
         raise ValueError(
-            f"--finetune {args.finetune} needs --pretrained_model_name_or_path (a saved "
+            f"--finetune {config.finetune} needs --pretrained_model_name_or_path (a saved "
             "pipeline or model folder)."
         )
-    if args.finetune == "lora" and args.push_to_hub:
+    if config.finetune == "lora" and config.push_to_hub:
         raise ValueError(
             "--push_to_hub is not supported with --finetune lora yet: upload the output "
             "folder's pytorch_lora_weights.safetensors with `huggingface-cli upload`."
         )
-    pretrained = load_model(args.pretrained_model_name_or_path)
+    pretrained = load_model(config.pretrained_model_name_or_path)
     needs = dict(
         in_channels=channels, num_classes=num_classes, cross_attention_dim=cross_attention_dim
     )
@@ -241,11 +254,11 @@ def finetuning_model(
             )
     summary = prepare_finetuning(
         pretrained,
-        args.finetune or "full",
-        kernel_size=args.core_kernel_size,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_target_modules,
+        config.finetune or "full",
+        kernel_size=config.core_kernel_size,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_targets=config.lora_target_modules,
     )
     if sample_size % pretrained.size_multiple:
         raise ValueError(
@@ -253,7 +266,7 @@ def finetuning_model(
             "fine-tuned model's patching); choose another --resolution."
         )
     pretrained.register_to_config(sample_size=sample_size)
-    accelerator.print(f"{summary} (from {args.pretrained_model_name_or_path})")
+    accelerator.print(f"{summary} (from {config.pretrained_model_name_or_path})")
     return pretrained
 
 
