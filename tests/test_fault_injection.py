@@ -508,6 +508,30 @@ def test_sigterm_to_a_two_process_launch_stops_both_after_the_same_step_and_save
     )  # fmt: skip
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_exits_0(tmp_path):
+    """Schedulers that signal every process of the job (``scancel``, ``kill -TERM -<pgid>``)
+    also hit the DataLoader workers; they must leave the stop to the trainer."""
+    out = tmp_path / "group"
+    argv = run_flags(tmp_path, out, max_train_steps=100_000, checkpointing_steps=100_000)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, TRAIN_SCRIPT, *argv, "--dataloader_num_workers", "2"],
+            env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")},
+            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.time() + 300
+    while "it/s" not in log.read_text() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3.0)  # a few steps, with the workers prefetching
+    assert process.poll() is None, log.read_text()[-3000:]
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    step = int(stdout.split("Stopped at step ")[1].split(" ")[0])
+    assert [s for s, _ in list_checkpoints(str(out))] == [step]
+
+
 @pytest.mark.parametrize("damage", ["missing", "mis-shaped"])
 def test_from_pretrained_refuses_incomplete_weights(tmp_path, damage):
     from diffusers_mdit import MDiTTransformer2DModel

@@ -15,6 +15,7 @@ a sampler of its own and lose the step-to-batch mapping).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -93,6 +94,15 @@ class FlippableItems(Dataset):
         return item
 
 
+def _worker_init(worker_id: int) -> None:
+    """Workers leave SIGTERM / SIGINT to the training process: a scheduler that signals the
+    whole process group (``scancel``, ``kill -TERM -<pgid>``, Ctrl-C) must not kill them before
+    the trainer has finished its step and saved (a dead worker fails the next batch). The main
+    process shuts its workers down itself; they also exit when it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 _STACKED = ("latents", "pixel_values", "encoder_hidden_states", "encoder_attention_mask")
 
 
@@ -130,4 +140,5 @@ def training_loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers else None,
+        worker_init_fn=_worker_init if num_workers else None,
     )
