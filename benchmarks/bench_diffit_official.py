@@ -16,7 +16,6 @@ and their median is scaled to 250, plus one decode.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 import time
@@ -26,7 +25,7 @@ from diffusers import AutoencoderKL
 
 from diffusers_mdit import DiffiTPipeline, DiffiTTransformer2DModel
 from diffusers_mdit.models.conversion_diffit import OFFICIAL_SAMPLING, official_diffit_scheduler
-from diffusers_mdit.profiling import config_cost
+from diffusers_mdit.profiling import config_cost, cpu_name
 from diffusers_mdit.testing import tiny_vae
 
 # sd-vae-ft-ema's architecture (diffusers' AutoencoderKL of Stable Diffusion 1.x)
@@ -44,17 +43,6 @@ TOTAL_STEPS = 250
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(quick: bool) -> DiffiTPipeline:
@@ -87,7 +75,7 @@ def main() -> None:
     parameters = sum(p.numel() for p in pipe.transformer.parameters())
     rss_built = peak_rss_mib()
     print("official DiffiT sampling benchmark (converted pipeline, random weights)")
-    print(f"  torch {torch.__version__}, CPU {cpu_model()}, threads {torch.get_num_threads()}")
+    print(f"  torch {torch.__version__}, CPU {cpu_name()}, threads {torch.get_num_threads()}")
     print(
         f"  transformer: depth {config.num_layers}, width {config.hidden_size}, "
         f"{config.num_attention_heads} heads, {config.sample_size}x{config.sample_size} latents, "

@@ -9,6 +9,7 @@ are multiply-accumulates as counted by fvcore; :class:`ModelCost` reports both.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +88,15 @@ def _meta_cost(model: torch.nn.Module, height: int, width: int, batch_size: int)
     )
     flops = forward_flops(model, sample, timestep, class_labels=labels)
     return ModelCost(count_parameters(model), flops // batch_size)
+
+
+def cpu_name() -> str:
+    """The CPU model, for benchmark headers (``/proc/cpuinfo`` on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
