@@ -1,12 +1,11 @@
 from .diffit import (
     DIFFIT_PRESETS,
-    DIFFIT_UNET_PRESETS,
+    DiffiTAdaLNBlock,
     DiffiTBlock,
-    DiffiTResBlock,
     DiffiTTransformer2DModel,
-    DiffiTUNet2DModel,
     TimeDependentSelfAttention,
 )
+from .diffit_unet import DIFFIT_UNET_PRESETS, DiffiTResBlock, DiffiTUNet2DModel
 from .dit import DIT_PRESETS, DiTBaselineTransformer2DModel, paper_parameter_count
 from .mdit import MDIT_PRESETS, AggregateBlock, CoreBlock, MDiTTransformer2DModel, OuterBlock
 from .neighborhood_attention import neighborhood_attention
@@ -20,6 +19,7 @@ __all__ = [
     "MDIT_PRESETS",
     "AggregateBlock",
     "CoreBlock",
+    "DiffiTAdaLNBlock",
     "DiffiTBlock",
     "DiffiTResBlock",
     "DiffiTTransformer2DModel",

@@ -10,21 +10,19 @@ self-attention is TMSA, time-dependent multi-head self-attention (eq. 3-6)::
 - :class:`DiffiTTransformer2DModel`, latent DiffiT (3.2.1, H.2): a DiT-like isotropic ViT on
   VAE latents. Patch 2 with a fixed 2D sin-cos position embedding, DiffiT blocks, final
   LayerNorm -> SiLU -> zero-initialised linear.
-- :class:`DiffiTUNet2DModel`, image-space DiffiT (3.2.2, H.1, tables S.2/S.3): a U-shaped
-  encoder/decoder of DiffiT ResBlocks ``x = DiffiTBlock(Conv3x3(Swish(GN(x))), x_t) + x`` with
-  windowed TMSA, convolutional down/up sampling and skip connections at every resolution.
+- :class:`~diffusers_mdit.models.diffit_unet.DiffiTUNet2DModel`, image-space DiffiT (3.2.2),
+  in its own file ``diffit_unet.py``; it reuses this file's block, TMSA and time token.
 
 The time token ``x_t`` is a sinusoidal timestep embedding through an MLP with Swish; class
 conditional models add a class embedding to it (label ``num_classes`` is the null label used
 for classifier-free guidance). Grids are channels-last ``(B, H, W, C)`` inside the transformer
 blocks; the models take and return ``(B, C, H, W)``.
 
-Sections of this file: TMSA, blocks, latent model, image-space model, presets.
+Sections of this file: TMSA, blocks, latent model, presets.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -36,7 +34,6 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..hub import HubModelMixin
@@ -136,7 +133,7 @@ class TMSAProcessor:
             qkv = attn.to_qkv(x)
         else:
             qkv = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1)
-        if attn.time_to_qkv is not None:  # None: adaLN blocks condition outside the attention
+        if attn.time_to_qkv is not None:  # None: DiffiTAdaLNBlock conditions outside it
             qkv = qkv + attn.time_to_qkv(time_token)[:, None, None, :]
         qkv = window_partition(qkv, window)
         q, k, v = qkv.unflatten(-1, (3, attn.num_heads, -1)).unbind(2)  # (B', N, heads, D)
@@ -159,7 +156,8 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
     Args:
         dim: Token channels.
         num_heads: Attention heads (``dim / num_heads`` channels each).
-        time_dim: Width of the time token ``x_t``.
+        time_dim: Width of the time token ``x_t``; ``None`` for attention without time
+            projections (the adaLN ablation, :class:`DiffiTAdaLNBlock`, conditions outside it).
         window_size: Window side for local attention, ``None`` for global attention.
         bias_size: ``(h, w)`` extent of the relative position table: the window, or the token
             grid at the training size for global attention.
@@ -174,7 +172,7 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         self,
         dim: int,
         num_heads: int,
-        time_dim: int,
+        time_dim: int | None,
         window_size: int | None,
         bias_size: tuple[int, int],
         qkv_bias: bool = True,
@@ -188,7 +186,9 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.time_to_qkv = nn.Linear(time_dim, 3 * dim, bias=False)  # W_qt, W_kt, W_vt
+        self.time_to_qkv = (  # W_qt, W_kt, W_vt
+            None if time_dim is None else nn.Linear(time_dim, 3 * dim, bias=False)
+        )
         self.relative_position_bias = RelativePositionBias(bias_size, num_heads)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.set_processor(TMSAProcessor())
@@ -203,17 +203,9 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
 # --------------------------------------------------------------------------------------------
 
 
-TIME_CONDITIONING = ("tmsa", "adaln")
-
-
 class DiffiTBlock(nn.Module):
     """DiffiT Transformer block (eq. 7-8): ``x = x + TMSA(LN(x), x_t)``,
-    ``x = x + MLP(LN(x))``, MLP ratio 4 with tanh-GELU (as DiT and the authors' code).
-
-    ``time_conditioning="adaln"`` is the baseline of the paper's figure 7b: the attention gets
-    no time projections and both sub-layers are modulated DiT-style (adaLN-Zero:
-    ``x = x + g1 * Attn(LN(x) (1 + s1) + b1)``, likewise the MLP, with ``(b, s, g)`` from a
-    zero-initialised linear map of ``SiLU(x_t)``)."""
+    ``x = x + MLP(LN(x))``, MLP ratio 4 with tanh-GELU (as DiT and the authors' code)."""
 
     def __init__(
         self,
@@ -225,66 +217,57 @@ class DiffiTBlock(nn.Module):
         mlp_ratio: float = 4.0,
         norm_elementwise_affine: bool = False,
         qkv_bias: bool = True,
-        time_conditioning: str = "tmsa",
     ):
         super().__init__()
-        if time_conditioning not in TIME_CONDITIONING:
-            raise ValueError(
-                f"Unknown time_conditioning {time_conditioning!r}; use one of {TIME_CONDITIONING}."
-            )
-        self.time_conditioning = time_conditioning
         self.norm1 = nn.LayerNorm(dim, LAYER_NORM_EPS, norm_elementwise_affine)
         self.attn = TimeDependentSelfAttention(
             dim, num_heads, time_dim, window_size, bias_size, qkv_bias
         )
         self.norm2 = nn.LayerNorm(dim, LAYER_NORM_EPS, norm_elementwise_affine)
         self.mlp = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
-        if time_conditioning == "adaln":
-            # The ablation of DiffiT figure 7b: DiT's adaLN-Zero instead of TMSA's time
-            # projections (shift, scale and gate of both sub-layers from SiLU(x_t)).
-            self.attn.time_to_qkv = None
-            self.modulation = nn.Linear(time_dim, 6 * dim)
 
     def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
-        if self.time_conditioning == "adaln":
-            chunks = self.modulation(F.silu(time_token))[:, None, None].chunk(6, dim=-1)
-            shift1, scale1, gate1, shift2, scale2, gate2 = chunks
-            x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, None)
-            return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
         x = x + self.attn(self.norm1(x), time_token)
         return x + self.mlp(self.norm2(x))
 
 
-class DiffiTResBlock(nn.Module):
-    """Image-space residual cell (eq. 9-10): ``x^ = Conv3x3(Swish(GN(x)))``,
-    ``x = DiffiTBlock(x^, x_t) + x``. Takes and returns ``(B, H, W, C)``; the convolution
-    and group norm run on a channels-last view of the same memory."""
+class DiffiTAdaLNBlock(nn.Module):
+    """The baseline of DiffiT's figure 7b: the block with DiT's adaLN-Zero time conditioning
+    instead of TMSA's time projections. The attention has no time projections and both
+    sub-layers are modulated, ``x = x + g1 * Attn(LN(x) (1 + s1) + b1)``, likewise the MLP,
+    with ``(b, s, g)`` from a zero-initialised linear map of ``SiLU(x_t)`` (so every block
+    starts as the identity). Chosen by ``time_conditioning="adaln"``; same arguments as
+    :class:`DiffiTBlock`."""
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
         time_dim: int,
-        window_size: int,
-        mlp_ratio: float,
-        norm_num_groups: int,
+        window_size: int | None,
+        bias_size: tuple[int, int],
+        mlp_ratio: float = 4.0,
+        norm_elementwise_affine: bool = False,
+        qkv_bias: bool = True,
     ):
         super().__init__()
-        self.norm = nn.GroupNorm(norm_num_groups, dim, eps=LAYER_NORM_EPS)
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
-        self.transformer = DiffiTBlock(
-            dim,
-            num_heads,
-            time_dim,
-            window_size,
-            (window_size, window_size),
-            mlp_ratio,
-            norm_elementwise_affine=True,
+        self.norm1 = nn.LayerNorm(dim, LAYER_NORM_EPS, norm_elementwise_affine)
+        self.attn = TimeDependentSelfAttention(
+            dim, num_heads, None, window_size, bias_size, qkv_bias
         )
+        self.norm2 = nn.LayerNorm(dim, LAYER_NORM_EPS, norm_elementwise_affine)
+        self.mlp = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
+        self.modulation = nn.Linear(time_dim, 6 * dim)
 
     def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
-        h = self.conv(F.silu(self.norm(x.permute(0, 3, 1, 2)))).permute(0, 2, 3, 1)
-        return self.transformer(h, time_token) + x
+        chunks = self.modulation(F.silu(time_token))[:, None, None].chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = chunks
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, None)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+# ``time_conditioning`` -> block class.
+TIME_CONDITIONING = {"tmsa": DiffiTBlock, "adaln": DiffiTAdaLNBlock}
 
 
 class TimeToken(nn.Module):
@@ -396,8 +379,8 @@ class DiffiTTransformer2DModel(
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["DiffiTBlock"]
-    _repeated_blocks = ["DiffiTBlock"]
+    _no_split_modules = ["DiffiTBlock", "DiffiTAdaLNBlock"]
+    _repeated_blocks = ["DiffiTBlock", "DiffiTAdaLNBlock"]
 
     @register_to_config
     def __init__(
@@ -443,9 +426,15 @@ class DiffiTTransformer2DModel(
             in_channels=in_channels,
             embed_dim=hidden_size,
         )
+        if time_conditioning not in TIME_CONDITIONING:
+            raise ValueError(
+                f"Unknown time_conditioning {time_conditioning!r}; use one of "
+                f"{tuple(TIME_CONDITIONING)}."
+            )
+        block_class = TIME_CONDITIONING[time_conditioning]
         self.time_token = TimeToken(hidden_size, frequency_embedding_size, num_classes)
         self.blocks = nn.ModuleList(
-            DiffiTBlock(
+            block_class(
                 hidden_size,
                 num_attention_heads,
                 hidden_size,
@@ -453,7 +442,6 @@ class DiffiTTransformer2DModel(
                 (window_size, window_size) if window_size else (grid, grid),
                 mlp_ratio,
                 qkv_bias=qkv_bias,
-                time_conditioning=time_conditioning,
             )
             for _ in range(num_layers)
         )
@@ -472,7 +460,7 @@ class DiffiTTransformer2DModel(
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
         for block in self.blocks:
-            if block.time_conditioning == "adaln":  # adaLN-Zero: every block starts as identity
+            if isinstance(block, DiffiTAdaLNBlock):  # adaLN-Zero: every block starts as identity
                 nn.init.zeros_(block.modulation.weight)
                 nn.init.zeros_(block.modulation.bias)
 
@@ -524,235 +512,6 @@ class DiffiTTransformer2DModel(
         return Transformer2DModelOutput(sample=out)
 
 
-# --------------------------------------------------------------------------------------------
-# Image-space DiffiT
-# --------------------------------------------------------------------------------------------
-
-
-class DiffiTUNet2DModel(
-    HubModelMixin,
-    AttentionModelMixin,
-    ModelMixin,
-    ConfigMixin,
-    PeftAdapterMixin,
-    PresetMixin,
-    _DiffiTModelMixin,
-):
-    r"""Image-space DiffiT (section 3.2.2, appendices H.1 and I.1): a U-shaped encoder/decoder.
-
-    Layout (tables S.2/S.3, ``n`` levels, level ``i`` at resolution ``H / 2^i``)::
-
-        Tokenizer: Conv3x3 to block_out_channels[0]
-        encoder level i: layers_per_level[i] DiffiT ResBlocks, then (i < n-1) a Conv3x3
-            stride-2 downsampler to block_out_channels[i+1]
-        decoder level i = n-2 .. 0: upsampler (nearest x2 + Conv3x3), concatenation with the
-            encoder's level-i output (the skip), Conv1x1 to block_out_channels[i],
-            layers_per_level[i] DiffiT ResBlocks
-        Head: GroupNorm -> Swish -> Conv3x3 to out_channels (zero-initialised)
-
-    From the paper: the ResBlock, windowed TMSA (window 4 at 32x32, 8 at 64x64 on every level),
-    convolutional resampling, skips at every resolution, widths 128 then 256 (I.1: channels
-    change only from the first to the second level), ``L_i = 4`` per level. Ours (the paper
-    does not give them): the skip fusion (concatenation + 1x1 convolution, the
-    "convolutional layer to match the number of feature maps" of 3.2.2), 64-channel heads,
-    a time token of ``4 x block_out_channels[0]`` channels (DDPM's convention), 32 groups, and
-    affine LayerNorms. Table S.2's "16x16x128" after the second downsampler contradicts I.1
-    and the table's own next row (16x16x256); we follow I.1. Appendix I.1 also mentions
-    "1, 2, 2, 2" and "2" blocks per stage; the presets follow H.1's ``L_i`` (4 per level).
-
-    The decoder's last level has no ResBlocks of the bottom resolution: as in table S.3 the
-    bottom level is visited once, by the encoder.
-
-    Not a diffusers ``CacheMixin``, for the reason given in :class:`DiffiTTransformer2DModel`;
-    besides, a U-Net's blocks change resolution, so no block's output stands in for the rest.
-
-    Parameters:
-        sample_size (`int`, defaults to 32): Training image size (a default for pipelines).
-        in_channels (`int`, defaults to 3): Image channels.
-        out_channels (`int`, *optional*): Output channels; defaults to ``in_channels``.
-        block_out_channels (`tuple[int]`, defaults to (128, 256, 256)): Width of every level.
-        layers_per_level (`tuple[int]`, defaults to (4, 4, 4)): DiffiT ResBlocks per level and
-            path (``L_i``).
-        window_size (`int` or `tuple[int]`, defaults to 4): TMSA window, one for all levels
-            or one per level.
-        attention_head_dim (`int`, defaults to 64): Channels per head.
-        mlp_ratio (`float`, defaults to 4.0): MLP hidden width over block width.
-        time_embedding_dim (`int`, *optional*): Time token width; defaults to
-            ``4 * block_out_channels[0]``.
-        frequency_embedding_size (`int`, defaults to 128): Sinusoidal timestep features.
-        norm_num_groups (`int`, defaults to 32): GroupNorm groups.
-        num_classes (`int`, defaults to 0): Number of classes, 0 for unconditional (the
-            paper's image-space models are unconditional).
-    """
-
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["DiffiTResBlock"]
-    _repeated_blocks = ["DiffiTResBlock"]
-
-    @register_to_config
-    def __init__(
-        self,
-        sample_size: int = 32,
-        in_channels: int = 3,
-        out_channels: int | None = None,
-        block_out_channels: tuple[int, ...] = (128, 256, 256),
-        layers_per_level: tuple[int, ...] = (4, 4, 4),
-        window_size: int | tuple[int, ...] = 4,
-        attention_head_dim: int = 64,
-        mlp_ratio: float = 4.0,
-        time_embedding_dim: int | None = None,
-        frequency_embedding_size: int = 128,
-        norm_num_groups: int = 32,
-        num_classes: int = 0,
-    ):
-        super().__init__()
-        levels = len(block_out_channels)
-        if levels == 0:
-            raise ValueError(
-                "block_out_channels is empty; give one width per level, e.g. (128, 256, 256)."
-            )
-        windows = _per_level(window_size, levels, "window_size")
-        check_positive_sizes(
-            sample_size=sample_size,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            attention_head_dim=attention_head_dim,
-            time_embedding_dim=time_embedding_dim,
-            frequency_embedding_size=frequency_embedding_size,
-            norm_num_groups=norm_num_groups,
-            **{f"window_size[{i}]": window for i, window in enumerate(windows)},
-        )
-        check_positive_ratios(mlp_ratio=mlp_ratio)
-        if len(layers_per_level) != levels:
-            raise ValueError(
-                f"layers_per_level has {len(layers_per_level)} entries but block_out_channels "
-                f"has {levels}; give one block count per level."
-            )
-        if min(layers_per_level) < 0:
-            raise ValueError(
-                f"layers_per_level entries must be >= 0, got {tuple(layers_per_level)}."
-            )
-        for width in block_out_channels:
-            _validate_common(width, width // attention_head_dim, num_classes, attention_head_dim)
-            if width % norm_num_groups:
-                raise ValueError(
-                    f"Every block_out_channels entry must be divisible by norm_num_groups="
-                    f"{norm_num_groups}, got {width}."
-                )
-        out_channels = out_channels or in_channels
-        time_dim = time_embedding_dim or 4 * block_out_channels[0]
-        self.gradient_checkpointing = False
-
-        def res_blocks(level: int) -> nn.ModuleList:
-            width = block_out_channels[level]
-            return nn.ModuleList(
-                DiffiTResBlock(
-                    width,
-                    width // attention_head_dim,
-                    time_dim,
-                    windows[level],
-                    mlp_ratio,
-                    norm_num_groups,
-                )
-                for _ in range(layers_per_level[level])
-            )
-
-        self.time_token = TimeToken(time_dim, frequency_embedding_size, num_classes)
-        self.tokenizer = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
-        self.encoder_levels = nn.ModuleList(res_blocks(i) for i in range(levels))
-        self.downsamplers = nn.ModuleList(
-            nn.Conv2d(block_out_channels[i], block_out_channels[i + 1], 3, stride=2, padding=1)
-            for i in range(levels - 1)
-        )
-        self.upsamplers = nn.ModuleList(
-            nn.Conv2d(block_out_channels[i + 1], block_out_channels[i + 1], 3, padding=1)
-            for i in range(levels - 1)
-        )
-        self.skip_fusions = nn.ModuleList(
-            nn.Conv2d(block_out_channels[i + 1] + block_out_channels[i], block_out_channels[i], 1)
-            for i in range(levels - 1)
-        )
-        self.decoder_levels = nn.ModuleList(res_blocks(i) for i in range(levels - 1))
-        self.norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=LAYER_NORM_EPS)
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """Transformer parts as the latent model; convolutions keep PyTorch's default; the
-        output convolution is zero-initialised, so a fresh model predicts exactly 0."""
-        _initialize_transformer_weights(self)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
-
-    @property
-    def size_multiple(self) -> int:
-        """Input height and width must be multiples of this."""
-        windows = _per_level(self.config.window_size, len(self.config.block_out_channels), "")
-        return math.lcm(*(2**level * window for level, window in enumerate(windows)))
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        class_labels: torch.LongTensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        return_dict: bool = True,
-    ) -> UNet2DOutput | tuple[torch.Tensor]:
-        """Arguments named as diffusers' U-Nets name them.
-
-        Args:
-            sample: Noisy images ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples of
-                :attr:`size_multiple`.
-            timestep: Diffusion timestep(s) or noise levels, scalar or ``(B,)``.
-            class_labels: ``(B,)`` labels in ``[0, num_classes]`` for class-conditional models.
-            cross_attention_kwargs: ``{"scale": s}`` scales the LoRA layers for this call
-                (diffusers' U-Net convention).
-            return_dict: Return a ``UNet2DOutput`` instead of a tuple.
-
-        Returns:
-            The prediction ``(B, out_channels, H, W)``.
-        """
-        why = "2^(levels-1) downsamplings x each level's TMSA window"
-        time_token = self._time_token(sample, timestep, class_labels, why)
-        with lora_scale(self, cross_attention_kwargs):
-            out = self._levels(sample.to(self.dtype).permute(0, 2, 3, 1), time_token)
-
-        if not return_dict:
-            return (out,)
-        return UNet2DOutput(sample=out)
-
-    def _levels(self, h: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
-        """Tokenizer, encoder, decoder and head on a ``(B, H, W, C)`` image; ``(B, C, H, W)``
-        out."""
-
-        # (B, H, W, C) memory throughout; convolutions see channels-last NCHW views.
-        def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-        h = conv(self.tokenizer, h)
-        skips = []
-        for level, blocks in enumerate(self.encoder_levels):
-            for block in blocks:
-                h = self._run_block(block, h, time_token)
-            if level < len(self.downsamplers):
-                skips.append(h)
-                h = conv(self.downsamplers[level], h)
-        for level in reversed(range(len(self.decoder_levels))):
-            h = F.interpolate(h.permute(0, 3, 1, 2), scale_factor=2.0, mode="nearest")
-            h = conv(self.upsamplers[level], h.permute(0, 2, 3, 1))
-            h = conv(self.skip_fusions[level], torch.cat([h, skips[level]], dim=-1))
-            for block in self.decoder_levels[level]:
-                h = self._run_block(block, h, time_token)
-        return self.conv_out(F.silu(self.norm_out(h.permute(0, 3, 1, 2)))).contiguous()
-
-
-def _per_level(value: int | tuple[int, ...], levels: int, name: str) -> tuple[int, ...]:
-    values = (value,) * levels if isinstance(value, int) else tuple(value)
-    if len(values) != levels:
-        raise ValueError(f"{name} needs one value or one per level ({levels}), got {value!r}.")
-    return values
-
-
 def _validate_common(dim: int, num_heads: int, num_classes: int, head_dim=None, num_layers=0):
     if num_heads < 1 or dim % num_heads or (head_dim and dim % head_dim):
         per_head = f"attention_head_dim={head_dim}" if head_dim else f"{num_heads} heads"
@@ -800,22 +559,4 @@ DIFFIT_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-DIFFIT_UNET_PRESETS: dict[str, dict[str, Any]] = {
-    # Paper (H.1, I.1): unconditional CIFAR-10 32x32, 3 levels, window 4.
-    "DiffiT-CIFAR10": dict(
-        sample_size=32,
-        block_out_channels=(128, 256, 256),
-        layers_per_level=(4, 4, 4),
-        window_size=4,
-    ),
-    # Paper (H.1, I.1, tables S.2/S.3): unconditional FFHQ 64x64, 4 levels, window 8.
-    "DiffiT-FFHQ64": dict(
-        sample_size=64,
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_level=(4, 4, 4, 4),
-        window_size=8,
-    ),
-}
-
 register_presets(DiffiTTransformer2DModel, DIFFIT_PRESETS)
-register_presets(DiffiTUNet2DModel, DIFFIT_UNET_PRESETS)
