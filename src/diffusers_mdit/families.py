@@ -51,6 +51,8 @@ class ModelFamily:
         architecture: The model card's description of the architecture.
         citation: BibTeX of the paper.
         config_summary: The config fields the model card lists.
+        block_levels: The model lists its blocks by level (``blocks_in_order()``: outer_in,
+            core, aggregate, outer_out), which the explain toolkit's per-block analyses read.
     """
 
     model_class_name: str
@@ -59,6 +61,7 @@ class ModelFamily:
     architecture: str
     citation: str
     config_summary: tuple[str, ...]
+    block_levels: bool = False
 
     @property
     def model_class(self) -> type:
@@ -88,6 +91,7 @@ FAMILIES: dict[str, ModelFamily] = {
                 "outer_kernel_size core_attention_type core_kernel_sizes num_classes "
                 "class_conditioning cross_attention_dim use_aux_conditions".split()
             ),
+            block_levels=True,
         ),
         ModelFamily(
             "DiffiTTransformer2DModel",

@@ -115,3 +115,10 @@ def test_sampling_statistics_per_step_plot_and_cli(tmp_path):
     cli.main([*argv, "--num_images", "2", "--num_inference_steps", "2"])
     data = json.loads((out / "core-contribution.json").read_text())
     assert len(data["result"]["ratio_mean"]) == 2 and (out / "core_contribution.png").is_file()
+
+
+def test_capture_refuses_a_core_at_reduced_resolution():
+    pipe = MDiTPipeline(transformer=tiny_mdit(in_channels=3, num_classes=10), scheduler=ddim_x0())
+    with capture_core_and_skip(pipe.transformer), pytest.raises(RuntimeError, match="full reso"):
+        pipe(class_labels=[1], height=16, width=16, num_inference_steps=2, core_patch_schedule=1.0,
+             output_type="pt")  # fmt: skip

@@ -90,7 +90,7 @@ def test_pooled_block_features_match_a_direct_pooling_and_leave_no_hooks():
     )
     assert torch.equal(noisy["core.0"], noisy_again["core.0"])
     assert not torch.allclose(noisy["core.0"], features["core.0"])
-    with pytest.raises(ValueError, match="blocks_in_order"):
+    with pytest.raises(ValueError, match="is not an MDiT"):
         pooled_block_features(torch.nn.Linear(2, 2), images)
 
 

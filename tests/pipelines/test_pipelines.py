@@ -124,7 +124,7 @@ def test_core_attention_and_core_patch_schedule_are_restored_after_the_call(kind
     factors = []
 
     def record(pipeline, step, timestep, tensors):
-        factors.append(pipeline.transformer.core_resample_factor)
+        factors.append(pipeline.core_resample_factor)
         return tensors
 
     out = pipe(
@@ -140,7 +140,8 @@ def test_core_attention_and_core_patch_schedule_are_restored_after_the_call(kind
     ).images
     assert out.shape == (1, 3, 16, 16)
     assert factors == [2, 2, 1, 1]
-    assert model.core_resample_factor == 1 and model.config.core_attention_type == "global"
+    assert pipe.core_resample_factor == 1 and model.config.core_attention_type == "global"
+    assert not model.core_patch_embed._forward_pre_hooks and not model.core_unpatch._forward_hooks
 
 
 def test_per_block_core_kernels_are_restored_after_a_core_attention_call():

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from diffusers_mdit import MDiTPipeline, MDiTTransformer2DModel
 from diffusers_mdit.testing import TINY_MDIT, ddim_x0, tiny_mdit
-from diffusers_mdit.training.finetuning import prepare_finetuning
+from diffusers_mdit.training.finetuning import expand_core_patch, prepare_finetuning
 from diffusers_mdit.training.trainer import add_arguments, train
 
 NO_OUTER = dict(num_outer_in_blocks=0, num_outer_out_blocks=0)
@@ -29,7 +29,7 @@ def up(x: torch.Tensor) -> torch.Tensor:
 def test_expanded_patch_maps_act_on_upsampled_tokens_as_the_old_ones_on_the_originals():
     model = tiny_mdit()
     expanded = tiny_mdit()
-    expanded.expand_core_patch(2)
+    expand_core_patch(expanded, 2)
     h = torch.randn(2, 8, 8, TINY_MDIT["outer_dim"])
     h_up = up(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     torch.testing.assert_close(
@@ -46,7 +46,7 @@ def test_expanded_model_without_outer_level_is_exactly_the_old_one_on_upsampled_
     # input must reproduce the 2x2 model's output, upsampled, to float rounding.
     model = tiny_mdit(**NO_OUTER)
     expanded = tiny_mdit(**NO_OUTER)
-    expanded.expand_core_patch(2)
+    expand_core_patch(expanded, 2)
     assert expanded.config.core_patch_size == 4 and expanded.config.sample_size == 16
     x, t, labels = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), None
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_expanded_model_without_outer_level_is_exactly_the_old_one_on_upsampled_
 
 def test_expanded_model_saves_and_loads_as_it_is(tmp_path):
     model = tiny_mdit()
-    model.expand_core_patch(2)
+    expand_core_patch(model, 2)
     model.save_pretrained(tmp_path)
     loaded = MDiTTransformer2DModel.from_pretrained(tmp_path).eval()
     assert loaded.config.core_patch_size == 4
@@ -128,7 +128,7 @@ def test_patch_mode_changes_exactly_the_patch_projections(tmp_path, capsys):
     assert grown.config.core_patch_size == 4 and grown.config.sample_size == 16
     # The projections did train: they differ from a fresh replication of the originals.
     replicated = MDiTTransformer2DModel.from_pretrained(tmp_path / "base" / "transformer")
-    replicated.expand_core_patch(2)
+    expand_core_patch(replicated, 2)
     for name in patch:
         assert not torch.equal(replicated.state_dict()[name], after[name])
     assert "fine-tuning mode 'patch'" in capsys.readouterr().out  # trainable vs total reported

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..families import FAMILIES
+
 
 @dataclass
 class LoadedModel:
@@ -109,9 +111,27 @@ def add_sampling_arguments(parser, num_images: int) -> None:
 # -- blocks ---------------------------------------------------------------------------------
 
 
+def has_block_levels(model: nn.Module) -> bool:
+    """Whether ``model``'s family lists its blocks by level (MDiT; see
+    :class:`~diffusers_mdit.families.ModelFamily`)."""
+    family = FAMILIES.get(type(model).__name__)
+    return family is not None and family.block_levels
+
+
+def require_block_levels(model: nn.Module, analysis: str) -> None:
+    """Refuse models whose blocks have no levels for an ``analysis`` that reads them."""
+    if not has_block_levels(model):
+        raise ValueError(
+            f"{analysis} reads the blocks of an MDiT level by level, but "
+            f"{type(model).__name__} is not an MDiT; use an MDiTTransformer2DModel or a "
+            "pipeline holding one."
+        )
+
+
 def block_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``("outer_in.0", block), ("core.0", block), ("aggregate.0", block), ...`` in execution
-    order, for models with ``blocks_in_order`` (MDiT)."""
+    order, for models with block levels (MDiT)."""
+    require_block_levels(model, "Naming blocks by level")
     counts: dict[str, int] = {}
     named = []
     for level, block in model.blocks_in_order():

@@ -84,12 +84,16 @@ def capture_core_and_skip(model: nn.Module):
     pending: list[torch.Tensor] = []
 
     def before_core(_module, inputs):
-        if model.core_resample_factor != 1:
-            raise RuntimeError("Core contribution needs the core at full resolution (factor 1).")
         pending.append(inputs[0].detach())
 
     def after_core(_module, _inputs, output):
-        pairs.append((output.detach(), pending.pop()))
+        skip = pending.pop()
+        if output.shape != skip.shape:  # e.g. a core_patch_schedule step (CoreResampling)
+            raise RuntimeError(
+                "Core contribution needs the core at full resolution; sample without "
+                "core_patch_schedule."
+            )
+        pairs.append((output.detach(), skip))
 
     handles = [
         model.core_patch_embed.register_forward_pre_hook(before_core),

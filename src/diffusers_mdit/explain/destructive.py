@@ -28,7 +28,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .common import add_sampling_arguments, block_names, pyplot, sampling_labels, save_figure
+from .common import (
+    add_sampling_arguments,
+    block_names,
+    pyplot,
+    require_block_levels,
+    sampling_labels,
+    save_figure,
+)
 
 HELP = "Destructive testing: re-sample without each block's RoPE, block or full kernel (app. M)."
 
@@ -225,11 +232,7 @@ def destructive_test(
     tests = _check_tests(tests)
     kernels = [check_kernel_size(k) for k in kernels]
     model = pipeline.transformer
-    if not hasattr(model, "blocks_in_order"):
-        raise ValueError(
-            f"Destructive testing switches MDiT blocks, but {type(model).__name__} has no "
-            "blocks_in_order(); use an MDiT pipeline."
-        )
+    require_block_levels(model, "Destructive testing")
     labels = sampling_labels(pipeline, num_images, analysis="Destructive testing")
 
     def sample() -> torch.Tensor:

@@ -29,7 +29,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.splits import stratified_split
-from .common import block_names, capture_outputs, normalised_depth, pyplot, save_figure
+from .common import (
+    block_names,
+    capture_outputs,
+    normalised_depth,
+    pyplot,
+    require_block_levels,
+    save_figure,
+)
 
 HELP = "Layer-wise MLP probes: class accuracy of every block's pooled output vs depth (4.2, F.2)."
 
@@ -152,11 +159,7 @@ def noised_inputs(
 
 
 def _probe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    if not hasattr(model, "blocks_in_order"):
-        raise ValueError(
-            f"{type(model).__name__} has no blocks_in_order(); the MLP probe reads the blocks "
-            "of an MDiT (MDiTTransformer2DModel) model or pipeline."
-        )
+    require_block_levels(model, "The MLP probe")
     return block_names(model)
 
 

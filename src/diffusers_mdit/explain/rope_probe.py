@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.attention import GridSelfAttention
-from .common import block_names, pyplot, save_figure
+from .common import block_names, has_block_levels, pyplot, save_figure
 
 HELP = "RoPE attention probe: per-head Q/K complex magnitudes, positional/semantic/hybrid heads."
 
@@ -148,8 +148,8 @@ def _counts(layers: list[LayerProbe]) -> dict[str, int]:
 
 def attention_layers(model: nn.Module) -> list[tuple[str, GridSelfAttention]]:
     """The model's RoPE self-attention layers, named by block (``"outer_in.0"``, ...) for
-    models with ``blocks_in_order`` (MDiT) and by module path otherwise."""
-    if hasattr(model, "blocks_in_order"):
+    models with block levels (MDiT) and by module path otherwise."""
+    if has_block_levels(model):
         return [(name, block.attn) for name, block in block_names(model)]
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GridSelfAttention)]
     if not layers:

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import add_sampling_arguments, block_names, pyplot, sampling_labels, save_figure
+from .common import (
+    add_sampling_arguments,
+    block_names,
+    pyplot,
+    require_block_levels,
+    sampling_labels,
+    save_figure,
+)
 
 HELP = "Radial spectral power of every core block's output at one sampling step (figure 3)."
 
@@ -115,11 +122,7 @@ def capture_at_call(
 
 def core_level_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """The core and aggregate blocks of an MDiT, by name, in execution order."""
-    if not hasattr(model, "blocks_in_order"):
-        raise ValueError(
-            f"The spectrum is taken of MDiT core blocks, but {type(model).__name__} has no "
-            "blocks_in_order(); use an MDiT model or pipeline."
-        )
+    require_block_levels(model, "The spectrum of core blocks")
     return {name: b for name, b in block_names(model) if name.rsplit(".", 1)[0] in CORE_LEVELS}
 
 

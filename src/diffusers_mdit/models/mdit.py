@@ -337,7 +337,6 @@ class MDiTTransformer2DModel(
         has_condition_tokens = self.class_tokens or cross_attention_dim is not None
         condition_token_dim = (cross_attention_dim or core_dim) if has_condition_tokens else None
         self.has_outer_level = num_outer_in_blocks + num_outer_out_blocks > 0
-        self.core_resample_factor = 1
         self.gradient_checkpointing = False
 
         self.condition_embedding = ConditionEmbedding(
@@ -531,69 +530,7 @@ class MDiTTransformer2DModel(
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         aggregate = 2 if len(self.aggregate_blocks) else 1
-        return self.config.core_patch_size * aggregate * self.core_resample_factor
-
-    def set_core_resample_factor(self, factor: int) -> None:
-        """Run the core at ``1 / factor`` of its usual resolution: average pooling before the
-        core patch embedding, bilinear upsampling after its un-patching (HiDiffusion as
-        adapted in appendix J.2, for sampling far above the training size). ``1`` restores
-        the normal model. A run-time setting, not saved in the config."""
-        if factor < 1:
-            raise ValueError(f"The core resample factor must be >= 1, got {factor}.")
-        self.core_resample_factor = int(factor)
-
-    @torch.no_grad()
-    def expand_core_patch(self, factor: int = 2) -> None:
-        """Patch-only fine-tuning (appendix J.2): grow the core patch from ``p`` to
-        ``factor * p`` by replication, so the core keeps its grid size on ``factor``-times larger
-        inputs.
-
-        The new patch embedding averages each ``factor x factor`` group of outer tokens before
-        applying the old one (average pooling on the way in); the new un-patching repeats each
-        old output token ``factor x factor`` times (nearest-neighbour on the way out). On an
-        input upsampled by ``factor`` the core therefore starts from exactly what it computed on
-        the original input. The new patch size is written to the config, so the model saves and
-        loads as it is.
-        """
-        if factor < 2:
-            raise ValueError(f"expand_core_patch needs a factor >= 2, got {factor}.")
-        old = self.config.core_patch_size
-        new = old * factor
-        embed, unpatch = self.core_patch_embed, self.core_unpatch
-        channels_in = embed.proj.in_features // old**2
-        channels_out = unpatch.proj.out_features // old**2
-        device, dtype = embed.proj.weight.device, embed.proj.weight.dtype
-
-        # Both maps are linear: read the new matrices off the responses to basis vectors.
-        n = channels_in * new**2
-        basis = split_tokens(torch.eye(n, device=device, dtype=dtype).view(n, 1, 1, n), new)
-        pooled = F.avg_pool2d(basis.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)
-        embed_weight = embed.proj(merge_tokens(pooled, old)).view(n, -1).T
-        m = unpatch.proj.in_features
-        tokens = unpatch.proj(torch.eye(m, device=device, dtype=dtype).view(m, 1, 1, m))
-        upsampled = split_tokens(tokens, old).repeat_interleave(factor, 1)
-        upsampled = upsampled.repeat_interleave(factor, 2)
-        unpatch_weight = merge_tokens(upsampled, new).view(m, -1).T
-
-        self.core_patch_embed = PatchEmbed(channels_in, embed.proj.out_features, new)
-        self.core_patch_embed.proj.weight.copy_(embed_weight)
-        self.core_unpatch = Unpatch(m, channels_out, new)
-        self.core_unpatch.norm.load_state_dict(unpatch.norm.state_dict())
-        self.core_unpatch.proj.weight.copy_(unpatch_weight)
-        self.core_patch_embed.to(device=device, dtype=dtype)
-        self.core_unpatch.to(device=device, dtype=dtype)
-        self.register_to_config(core_patch_size=new, sample_size=self.config.sample_size * factor)
-
-    def _resample(self, h: torch.Tensor, down: bool) -> torch.Tensor:
-        factor = self.core_resample_factor
-        if factor == 1:
-            return h
-        h = h.permute(0, 3, 1, 2)
-        if down:
-            h = F.avg_pool2d(h, factor)
-        else:
-            h = F.interpolate(h, scale_factor=factor, mode="bilinear", align_corners=False)
-        return h.permute(0, 2, 3, 1)
+        return self.config.core_patch_size * aggregate
 
     def _class_embedding(self, batch, class_labels):
         """``(B, width)`` class embeddings, the null label where ``class_labels`` is None."""
@@ -699,10 +636,10 @@ class MDiTTransformer2DModel(
             h = self.proj_in(h)
             for block in self.outer_in_blocks:
                 h = self._run_block(block, h, *args)
-        core = self.core_patch_embed(self._resample(h, down=True))
+        core = self.core_patch_embed(h)
         for block in self.core_sequence():
             core = self._run_block(block, core, *args)
-        core = self._resample(self.core_unpatch(core), down=False)
+        core = self.core_unpatch(core)
         if self.has_outer_level:
             h = h + core
             for block in self.outer_out_blocks:

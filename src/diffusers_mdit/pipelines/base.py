@@ -13,7 +13,6 @@ rectified-flow (velocity) models. Scheduler arguments that a scheduler lacks (``
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -118,50 +117,6 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
         return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
 
     # -- checks and inputs ---------------------------------------------------------------------
-
-    def check_core_patch_schedule(self, schedule: float | None, height: int, width: int) -> None:
-        """``core_patch_schedule`` halves the core resolution: the size must allow it."""
-        if schedule is None:
-            return
-        if not (isinstance(schedule, Real) and 0 <= schedule <= 1):
-            raise ValueError(
-                f"core_patch_schedule is the fraction of the steps run at half core resolution, "
-                f"so it must lie in [0, 1], got {schedule!r}."
-            )
-        multiple = 2 * self.vae_scale_factor * self.transformer.size_multiple
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"core_patch_schedule halves the core resolution, so height and width must be "
-                f"multiples of {multiple}, got {height}x{width}."
-            )
-
-    @contextlib.contextmanager
-    def core_settings(
-        self, attention: str | None, kernel_size: int | None, patch_schedule: float | None
-    ):
-        """For one MDiT call: switch the core's self-attention (``attention``, ``kernel_size``)
-        and yield the ``before_step`` hook of the HiDiffusion-style ``patch_schedule`` (the
-        core at half resolution for that fraction of the first steps); both are restored
-        afterwards."""
-        model = self.transformer
-
-        def before_step(step: int, total: int) -> None:
-            if patch_schedule is not None:
-                model.set_core_resample_factor(2 if step < patch_schedule * total else 1)
-
-        config = model.config
-        previous = (config.core_attention_type, config.core_kernel_size)
-        previous_per_block = getattr(config, "core_kernel_sizes", None)
-        if attention is not None:
-            model.set_core_attention(attention, kernel_size)
-        try:
-            yield before_step
-        finally:
-            model.set_core_resample_factor(1)
-            if attention is not None:
-                model.set_core_attention(*previous)
-                if previous_per_block is not None:
-                    model.set_core_kernel_sizes(previous_per_block)
 
     def check_common_inputs(
         self,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
+import torch.nn.functional as F
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -64,7 +66,101 @@ def batch_labels(
     return labels, labels.numel()
 
 
-class MDiTPipeline(TransformerDiffusionPipeline):
+class CoreResampling:
+    """HiDiffusion's resolution-aware schedule as the MDiT paper adapts it (appendix J.2): while
+    :attr:`factor` is above 1, the core runs at ``1 / factor`` of its usual resolution, with
+    average pooling before the core patch embedding and bilinear upsampling after its
+    un-patching. A sampling trick, not part of the architecture, so it lives here and reaches
+    the model through forward hooks on ``core_patch_embed`` and ``core_unpatch``, removed by
+    :meth:`remove`."""
+
+    def __init__(self, model: MDiTTransformer2DModel):
+        self.factor = 1
+        self._handles = [
+            model.core_patch_embed.register_forward_pre_hook(self._down),
+            model.core_unpatch.register_forward_hook(self._up),
+        ]
+
+    def _down(self, _module, inputs):
+        if self.factor == 1:
+            return None
+        grid = inputs[0].permute(0, 3, 1, 2)  # (B, H, W, C) -> a channels-last NCHW view
+        return (F.avg_pool2d(grid, self.factor).permute(0, 2, 3, 1),)
+
+    def _up(self, _module, _inputs, output):
+        if self.factor == 1:
+            return None
+        grid = output.permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=self.factor, mode="bilinear", align_corners=False)
+        return grid.permute(0, 2, 3, 1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class MDiTCoreOptionsMixin:
+    """The MDiT-only sampling options of :class:`MDiTPipeline` and
+    :class:`~diffusers_mdit.MDiTTextToImagePipeline`: switching the core's self-attention for
+    one call (``core_attention``, ``core_kernel_size``) and the HiDiffusion-style
+    ``core_patch_schedule``."""
+
+    @property
+    def core_resample_factor(self) -> int:
+        """How far the core's resolution is reduced at the current step (1: not at all)."""
+        resampling = getattr(self, "_core_resampling", None)
+        return 1 if resampling is None else resampling.factor
+
+    def check_core_patch_schedule(self, schedule: float | None, height: int, width: int) -> None:
+        """``core_patch_schedule`` halves the core resolution: the size must allow it."""
+        if schedule is None:
+            return
+        if not (isinstance(schedule, Real) and 0 <= schedule <= 1):
+            raise ValueError(
+                f"core_patch_schedule is the fraction of the steps run at half core resolution, "
+                f"so it must lie in [0, 1], got {schedule!r}."
+            )
+        multiple = 2 * self.vae_scale_factor * self.transformer.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"core_patch_schedule halves the core resolution, so height and width must be "
+                f"multiples of {multiple}, got {height}x{width}."
+            )
+
+    @contextlib.contextmanager
+    def core_settings(
+        self, attention: str | None, kernel_size: int | None, patch_schedule: float | None
+    ):
+        """For one call: switch the core's self-attention (``attention``, ``kernel_size``)
+        and yield the ``before_step`` hook of the HiDiffusion-style ``patch_schedule`` (the
+        core at half resolution for that fraction of the first steps); both are restored
+        afterwards."""
+        model = self.transformer
+        resampling = CoreResampling(model) if patch_schedule is not None else None
+        self._core_resampling = resampling
+
+        def before_step(step: int, total: int) -> None:
+            if resampling is not None:
+                resampling.factor = 2 if step < patch_schedule * total else 1
+
+        config = model.config
+        previous = (config.core_attention_type, config.core_kernel_size)
+        previous_per_block = getattr(config, "core_kernel_sizes", None)
+        if attention is not None:
+            model.set_core_attention(attention, kernel_size)
+        try:
+            yield before_step
+        finally:
+            self._core_resampling = None
+            if resampling is not None:
+                resampling.remove()
+            if attention is not None:
+                model.set_core_attention(*previous)
+                if previous_per_block is not None:
+                    model.set_core_kernel_sizes(previous_per_block)
+
+
+class MDiTPipeline(MDiTCoreOptionsMixin, TransformerDiffusionPipeline):
     r"""Sampling with :class:`~diffusers_mdit.MDiTTransformer2DModel`, class-conditional or
     unconditional, in latent space (with ``vae``) or pixel space (without).
 

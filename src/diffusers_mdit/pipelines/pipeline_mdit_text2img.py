@@ -12,9 +12,10 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models import MDiTTransformer2DModel
 from .base import TransformerDiffusionPipeline, sampling_arguments
+from .pipeline_mdit import MDiTCoreOptionsMixin
 
 
-class MDiTTextToImagePipeline(TransformerDiffusionPipeline):
+class MDiTTextToImagePipeline(MDiTCoreOptionsMixin, TransformerDiffusionPipeline):
     r"""Text-to-image sampling with an MDiT built with ``cross_attention_dim`` equal to the text
     encoder's width (1024 for FLAN-T5-L).
 
