@@ -1,32 +1,30 @@
-"""Saving, loading and pushing to the Hub the diffusers way, with checks on what is loaded.
+"""Saving, loading and pushing to the Hub: only what diffusers 0.42 leaves to us.
 
-diffusers 0.42 resolves a pipeline class only among its own (``_get_pipeline_class`` takes
-``getattr(diffusers, model_index["_class_name"])``), and for a Hub repository it accepts a
-component library other than diffusers/transformers only when the repository carries a code
-file ``<component>/<library>.py`` (``_get_custom_components_and_folders``). So a folder we save
-carries:
+diffusers and huggingface_hub do the rest. ``use_safetensors=True`` (forced here) refuses pickle
+weights and never downloads them; ``ModelMixin.from_pretrained`` downloads a model and names
+missing, broken and Git LFS pointer files; its ``output_loading_info`` lists missing, unknown and
+mis-shaped tensors; ``PushToHubMixin`` uploads and ``populate_model_card`` tags the card.
+What is ours, each for a reason diffusers lacks:
 
-- ``model_index.json`` with ``"_class_name": ["pipeline", "<PipelineClass>"]`` (diffusers then
-  imports ``pipeline.py`` of the folder or repo and takes the class from it), our components
-  under the library ``"diffusers_mdit"``, and ``"_diffusers_mdit_version"``;
-- ``pipeline.py`` and ``<component>/diffusers_mdit.py``: both the code file
-  ``pipelines/pipeline.py`` of this repository, which hands out the installed package's classes;
-- ``"_diffusers_mdit_version"`` in every model ``config.json``.
-
-diffusers runs code files only with ``trust_remote_code=True``, even from a local folder. Loading
-through our own classes (``MDiTPipeline.from_pretrained``) needs no such flag: the code files
-that diffusers would run are compared byte for byte with the installed package's and, when they
-match, running them runs only the installed package. Anything else still needs the flag.
-
-Loading checks what it loads: safetensors only (pickle can execute code), readable JSON,
-present and well-formed weight files, a known ``_class_name`` and a
-``_diffusers_mdit_version`` not newer than the installed package; errors name the file and the
-fix. ``push_to_hub`` writes a model card from ``model_cards/model_card_template.md`` and never
-replaces a README that is already in the repository unless told to.
+- The Hub code file. diffusers resolves a pipeline class only among its own
+  (``getattr(diffusers, model_index["_class_name"])``) and a component library other than
+  diffusers/transformers only through a ``<component>/<library>.py`` file. So a saved folder has
+  ``"_class_name": ["pipeline", "<PipelineClass>"]``, components of the library
+  ``"diffusers_mdit"``, and ``pipeline.py`` and ``<component>/diffusers_mdit.py``: copies of
+  ``pipelines/pipeline.py``, which hands out the installed package's classes. diffusers runs them
+  only with ``trust_remote_code=True``; our own classes load without it when every code file is
+  byte for byte the installed package's.
+- The version stamp ``_diffusers_mdit_version`` in ``model_index.json`` and in every model's
+  ``config.json``, and the refusal of a config saved by a newer diffusers-mdit or naming a class
+  the package lacks: diffusers loads any config into any class and drops fields it does not know.
+- The refusal of missing, unknown and mis-shaped tensors: diffusers only warns, leaving missing
+  tensors randomly initialised or on the meta device.
+- The model card template, and a push that never replaces an existing README silently
+  (diffusers' ``push_to_hub`` keeps it but rewrites its metadata).
 
 The code file and the card template live in the repository folders ``pipelines/`` and
-``model_cards/`` (next to ``src/``), so this module finds them in a source checkout or an
-editable install (``pip install -e .``, what ``run.sh`` does).
+``model_cards/`` (next to ``src/``) and ship in wheels as ``diffusers_mdit.hub_files`` and
+``diffusers_mdit.model_cards`` (see pyproject.toml).
 """
 
 from __future__ import annotations
@@ -36,23 +34,18 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
-from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
-from huggingface_hub.errors import OfflineModeIsEnabled
+from diffusers.utils.hub_utils import populate_model_card
+from huggingface_hub import ModelCard, ModelCardData, create_repo, file_exists, snapshot_download
 from packaging.version import InvalidVersion, Version
-from safetensors import SafetensorError, safe_open
 
 from .families import FAMILIES
 
-# Files of the repository folders pipelines/ and model_cards/, shipped in wheels as the
-# packages diffusers_mdit.hub_files and diffusers_mdit.model_cards (see pyproject.toml).
 HUB_CODE_FILE = ("diffusers_mdit.hub_files", "pipelines", "pipeline.py")
 MODEL_CARD_TEMPLATE = ("diffusers_mdit.model_cards", "model_cards", "model_card_template.md")
 
@@ -61,14 +54,14 @@ VERSION_KEY = "_diffusers_mdit_version"
 PIPELINE_CODE_NAME = "pipeline"  # model_index.json: "_class_name": ["pipeline", "<Class>"]
 COMPONENT_CODE_FILE = f"{LIBRARY_NAME}.py"  # <component>/diffusers_mdit.py
 SAMPLE_GRID_NAME = "sample_grid"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
 UPGRADE_HINT = "upgrade the package (pip install -U diffusers-mdit)"
 SAFETENSORS_ONLY = (
     "diffusers-mdit saves and loads weights as safetensors only, because unpickling a weight "
     "file can run arbitrary code."
 )
-_HUB_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-_PUSH_KWARGS = ("commit_message", "private", "token", "create_pr", "repo_id")
+_SNAPSHOT_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+_PUSH_KWARGS = ("commit_message", "private", "token", "create_pr")
 
 ExistingModelCard = Literal["error", "keep", "overwrite"]
 ModelT = TypeVar("ModelT", bound="HubModelMixin")
@@ -117,46 +110,22 @@ def _resource(location: tuple[str, str, str]) -> Path:
 # -- checks -----------------------------------------------------------------------------------
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; ``OSError`` naming the file when it is missing or broken."""
-    if not path.is_file():
-        raise OSError(
-            f"{path} is missing: {path.parent} is not a folder written by save_pretrained (or "
-            "the subfolder is wrong). Save it again, or download it again with "
-            "force_download=True."
-        )
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise OSError(
-            f"{path} is not valid JSON ({error}): the file is corrupted. Save it again, or "
-            "download it again with force_download=True."
-        ) from error
-    if not isinstance(value, dict):
-        raise OSError(f"{path} does not hold a JSON object: the file is corrupted.")
-    return value
-
-
-def check_saved_version(config: dict[str, Any], path: Path) -> None:
-    """Refuse a config written by a newer diffusers-mdit: it may carry fields or semantics this
-    version does not know, which would otherwise load silently wrong."""
+def check_config(config: dict[str, Any], expected: type, base: type, path: str | Path) -> None:
+    """Refuse a config (``config.json`` or ``model_index.json``) saved by a newer diffusers-mdit,
+    whose fields or semantics this version may not know, or naming a class that the package
+    lacks or that is not ``expected``: diffusers would load it anyway, and fail late or wrong."""
     saved = config.get(VERSION_KEY)
-    if saved is None:
-        return
-    try:
-        newer = Version(str(saved)) > Version(installed_version())
-    except InvalidVersion as error:
-        raise ValueError(f"{path}: unreadable {VERSION_KEY} {saved!r}.") from error
-    if newer:
-        raise ValueError(
-            f"{path} was saved by diffusers-mdit {saved}, newer than the installed "
-            f"{installed_version()}: {UPGRADE_HINT} to load it."
-        )
-
-
-def check_class_name(name: Any, expected: type, known: dict[str, type], path: Path) -> None:
-    """``name`` (a config's ``_class_name``) must be a class of the package, and ``expected``:
-    loading one class's files into another fails late and obscurely."""
+    if saved is not None:
+        try:
+            newer = Version(str(saved)) > Version(installed_version())
+        except InvalidVersion as error:
+            raise ValueError(f"{path}: unreadable {VERSION_KEY} {saved!r}.") from error
+        if newer:
+            raise ValueError(
+                f"{path} was saved by diffusers-mdit {saved}, newer than the installed "
+                f"{installed_version()}: {UPGRADE_HINT} to load it."
+            )
+    name, known = _class_name(config), known_classes(base)
     if name not in known:
         raise ValueError(
             f"{path} names the class {name!r}, which diffusers-mdit {installed_version()} does "
@@ -170,99 +139,26 @@ def check_class_name(name: Any, expected: type, known: dict[str, type], path: Pa
         )
 
 
-def check_weights(folder: Path, remote_files: Iterable[str] = ()) -> None:
-    """The model in ``folder`` has readable safetensors weights (every shard of a sharded
-    checkpoint). ``remote_files``: names in the folder that exist on the Hub but were not
-    downloaded, so that pickle-only repositories are told apart from incomplete ones."""
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    safetensors = [name for name in present if name.endswith(".safetensors")]
-    if not safetensors:
-        pickles = sorted(_pickle_names({*present, *remote_files}))
-        if pickles:
-            raise ValueError(
-                f"{folder} holds only pickle weights ({', '.join(pickles)}). {SAFETENSORS_ONLY} "
-                "Convert them where you trust the file: load them with the library that wrote "
-                "them and save with save_pretrained(..., safe_serialization=True)."
-            )
-        raise OSError(
-            f"{folder} has no weights (expected {SAFETENSORS_WEIGHTS_NAME}): the save is "
-            "incomplete or the download was interrupted. Save the model again, or download it "
-            "again with force_download=True."
-        )
-    for name in present:
-        if name.endswith(".safetensors.index.json"):
-            shards = set(read_json(folder / name).get("weight_map", {}).values())
-            missing = sorted(shards - set(present))
-            if missing:
-                raise OSError(
-                    f"{folder / name} lists the shard(s) {', '.join(missing)}, missing from "
-                    f"{folder}: save the model again, or download it again with "
-                    "force_download=True."
-                )
-    for name in safetensors:
-        try:
-            with safe_open(folder / name, framework="pt"):
-                pass
-        except (SafetensorError, OSError) as error:
-            raise OSError(
-                f"{folder / name} is not a readable safetensors file ({error}): it is truncated "
-                "or corrupted, or is a Git LFS pointer instead of the weights. Download it again "
-                "with force_download=True, or save the model again."
-            ) from error
-
-
-def _weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """The safetensors files ``ModelMixin.from_pretrained`` reads for ``variant``: the shards
-    of an index when there is one, else the single weights file."""
-    stem, suffix = SAFETENSORS_WEIGHTS_NAME.rsplit(".", 1)
-    single = f"{stem}.{variant}.{suffix}" if variant else SAFETENSORS_WEIGHTS_NAME
-    for index in (
-        folder / f"{single}.index.json",
-        folder / f"{stem}.{suffix}.index.{variant}.json",
-    ):
-        if index.is_file():
-            return sorted({folder / shard for shard in read_json(index)["weight_map"].values()})
-    return [folder / single] if (folder / single).is_file() else []
-
-
-def check_tensors(model: torch.nn.Module, folder: Path, variant: str | None = None) -> None:
-    """Every tensor ``model`` expects is in the folder's weights with the right shape, and no
-    other: diffusers only warns about missing tensors and leaves them on the meta device (or
-    randomly initialised), so the model would fail, or sample noise, much later."""
-    files = _weight_files(folder, variant)
-    if not files:
-        return
-    stored: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            stored.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-    fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)
-    if len(files) == 1 and fix_keys is not None:
-        # The renaming diffusers applies on load (single files only, like diffusers: an old
-        # sharded folder keeps its names here and is refused rather than half loaded).
-        meta = {key: torch.empty(shape, device="meta") for key, shape in stored.items()}
-        fix_keys(meta)
-        stored = {key: tuple(t.shape) for key, t in meta.items()}
-    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    missing = sorted(expected.keys() - stored.keys())
-    unknown = sorted(stored.keys() - expected.keys())
-    shapes = [f"{key} {stored[key]} (expected {expected[key]})" for key in sorted(expected)
-              if key in stored and stored[key] != expected[key]]  # fmt: skip
-    problems = [
+def check_tensors(model: torch.nn.Module, loading_info: dict[str, Any], source: str) -> None:
+    """Refuse weights that miss tensors of ``model``, hold unknown ones or ones of other shapes
+    (``loading_info``: ``ModelMixin.from_pretrained(..., output_loading_info=True)``'s)."""
+    mismatched = sorted(loading_info.get("mismatched_keys", ()))
+    problems = {
+        "missing": sorted(loading_info.get("missing_keys", ())),
+        "unknown": sorted(loading_info.get("unexpected_keys", ())),
+        "mis-shaped": [f"{k} {tuple(s)} (expected {tuple(e)})" for k, s, e in mismatched],
+    }
+    listed = [
         f"{label} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-        for label, names in (("missing", missing), ("unknown", unknown), ("mis-shaped", shapes))
+        for label, names in problems.items()
         if names
     ]
-    if problems:
+    if listed:
         raise ValueError(
-            f"The weights in {folder} do not match {type(model).__name__}'s config: "
-            f"{'; '.join(problems)}. The file is incomplete or belongs to another config: save "
+            f"The weights in {source} do not match {type(model).__name__}'s config: "
+            f"{'; '.join(listed)}. The file is incomplete or belongs to another config: save "
             "the model again, or download it again with force_download=True."
         )
-
-
-def _pickle_names(names: Iterable[str]) -> set[str]:
-    return {name for name in names if name.endswith(PICKLE_SUFFIXES)}
 
 
 def _refuse_pickle(kwargs: dict[str, Any]) -> None:
@@ -277,76 +173,27 @@ def _refuse_pickle_save(safe_serialization: bool) -> None:
         raise ValueError(f"safe_serialization=False is not supported. {SAFETENSORS_ONLY}")
 
 
-# -- downloads --------------------------------------------------------------------------------
-
-
-def download(
-    repo_id: str, options: dict[str, Any], allow_patterns: list[str] | None = None
-) -> tuple[Path, list[str]]:
-    """Snapshot of ``repo_id`` without pickle files, and the repository's file list.
-
-    Pops the Hub arguments (``revision``, ``token``, ``cache_dir``, ``force_download``,
-    ``local_files_only``) from ``options``. The revision is resolved to one commit first, so the
-    checks and the load see the same files. Offline, the cached snapshot is used and the file
-    list is what it holds.
-    """
-    if repo_id.count("/") > 1 or os.path.isabs(repo_id) or repo_id.startswith("."):
-        raise OSError(f"{repo_id} is not a folder (nor a Hub repository id).")
-    hub = {key: options.pop(key) for key in _HUB_DOWNLOAD_KWARGS if key in options}
-    options.pop("proxies", None)
-    revision, token = hub.get("revision"), hub.get("token")
-    local_only = bool(hub.get("local_files_only"))
-    files: list[str] = []
-    if not local_only:
-        try:
-            info = HfApi().model_info(repo_id, revision=revision, token=token)
-            revision, files = info.sha, [sibling.rfilename for sibling in info.siblings or []]
-        except OfflineModeIsEnabled:
-            local_only = True
-    folder = snapshot_download(
-        repo_id,
-        revision=revision,
-        token=token,
-        cache_dir=hub.get("cache_dir"),
-        force_download=bool(hub.get("force_download")),
-        local_files_only=local_only,
-        allow_patterns=allow_patterns,
-        ignore_patterns=[f"*{suffix}" for suffix in PICKLE_SUFFIXES],
-    )
-    return Path(folder), files
-
-
-def _in_folder(files: Iterable[str], folder: str) -> list[str]:
-    prefix = f"{folder}/" if folder else ""
-    return [name[len(prefix) :] for name in files if name.startswith(prefix)]
-
-
 def _own_weights(model: torch.nn.Module) -> None:
-    """Give every CPU parameter and buffer memory of its own.
-
-    diffusers leaves parameters as views of the memory-mapped safetensors file. Their odd
-    alignment makes CPU kernels take other code paths (outputs differ from the saved model in
-    the last bit), and the model would change or crash if the file were rewritten, e.g. by
-    saving over the folder it came from. Owned copies make a reload bit-identical.
-    """
+    """Give every CPU parameter and buffer memory of its own: diffusers leaves them views of the
+    memory-mapped file (with ``disable_mmap``, of a read buffer per tensor). Their odd alignment
+    makes CPU kernels take other code paths (outputs differ from the saved model's in the last
+    bit), and a mapped model would change or crash if its file were rewritten (saved over)."""
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
 
 
-# -- saved folders ----------------------------------------------------------------------------
+# -- saved pipeline folders -------------------------------------------------------------------
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _class_name(config: dict[str, Any]) -> Any:
+    name = config.get("_class_name")
+    return name[1] if isinstance(name, list) and len(name) == 2 else name
 
 
-def stamp_model_config(folder: Path) -> None:
-    """Record the package version in a saved model's ``config.json``."""
-    config = read_json(folder / "config.json")
-    config[VERSION_KEY] = installed_version()
-    _write_json(folder / "config.json", config)
+def _is_component(name: str, value: Any) -> bool:
+    return not name.startswith("_") and isinstance(value, list) and len(value) == 2
 
 
 def write_pipeline_hub_files(folder: Path) -> None:
@@ -355,7 +202,8 @@ def write_pipeline_hub_files(folder: Path) -> None:
     ``_class_name``, the library ``"diffusers_mdit"`` for our components, the code files and
     the version."""
     code = _resource(HUB_CODE_FILE)
-    index = read_json(folder / "model_index.json")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
     index["_class_name"] = [PIPELINE_CODE_NAME, _class_name(index)]
     index[VERSION_KEY] = installed_version()
     for name, value in index.items():
@@ -363,16 +211,7 @@ def write_pipeline_hub_files(folder: Path) -> None:
             index[name] = [LIBRARY_NAME, value[1]]
             shutil.copyfile(code, folder / name / COMPONENT_CODE_FILE)
     shutil.copyfile(code, folder / f"{PIPELINE_CODE_NAME}.py")
-    _write_json(folder / "model_index.json", index)
-
-
-def _class_name(index: dict[str, Any]) -> Any:
-    name = index.get("_class_name")
-    return name[1] if isinstance(name, list) and len(name) == 2 else name
-
-
-def _is_component(name: str, value: Any) -> bool:
-    return not name.startswith("_") and isinstance(value, list) and len(value) == 2
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def code_files(folder: Path, index: dict[str, Any]) -> list[str]:
@@ -388,24 +227,6 @@ def code_files(folder: Path, index: dict[str, Any]) -> list[str]:
         if _is_component(name, value) and value[0]:
             candidates.append(f"{name}/{value[0]}.py")
     return [name for name in candidates if (folder / name).is_file()]
-
-
-def check_pipeline_folder(
-    folder: Path, expected: type, remote_files: Iterable[str] = ()
-) -> tuple[list[str], list[str]]:
-    """Check a saved pipeline before diffusers loads it. Returns the code files diffusers would
-    run, and those of them that differ from the installed package's code file."""
-    index_path = folder / "model_index.json"
-    index = read_json(index_path)
-    check_saved_version(index, index_path)
-    check_class_name(_class_name(index), expected, known_classes(DiffusionPipeline), index_path)
-    remote_files = list(remote_files)
-    for name, value in index.items():
-        if _is_component(name, value) and (folder / name / "config.json").is_file():
-            check_weights(folder / name, _in_folder(remote_files, name))
-    code = _resource(HUB_CODE_FILE).read_bytes()
-    files = code_files(folder, index)
-    return files, [name for name in files if (folder / name).read_bytes() != code]
 
 
 # -- model cards ------------------------------------------------------------------------------
@@ -439,13 +260,14 @@ def create_model_card(
     tags: list[str] | None = None,
     datasets: list[str] | None = None,
 ) -> ModelCard:
-    """Model card of one of our models or pipelines, from ``model_cards/model_card_template.md``.
+    """Model card of one of our models or pipelines, from ``model_cards/model_card_template.md``
+    (diffusers' ``load_or_create_model_card`` has only its generic template).
 
     The card states what a user needs to judge and load the weights: the architecture (MDiT's
     ``{M, N, K, L}``), the parameter count, the training data and steps (``"unknown"`` unless
     given: the weights do not record them), the sample grid when one is uploaded (its file name
-    in the repository, ``sample_grid``), the papers to cite, the license, and
-    ``library_name: diffusers`` with tags so the Hub lists it with diffusers models.
+    in the repository, ``sample_grid``), the papers to cite, the license, and (through
+    diffusers' ``populate_model_card``) ``library_name: diffusers`` with tags.
     """
     is_pipeline = isinstance(obj, DiffusionPipeline)
     model = obj.transformer if is_pipeline else obj
@@ -453,7 +275,6 @@ def create_model_card(
     if model_class not in FAMILIES:
         raise ValueError(f"No model card for {model_class}: not a model of diffusers-mdit.")
     family = FAMILIES[model_class]
-    architecture, citation = family.architecture, family.citation
     config = model.config
     if getattr(config, "cross_attention_dim", None):
         conditioning, pipeline_tag = "text-to-image", "text-to-image"
@@ -464,23 +285,14 @@ def create_model_card(
     components = {}
     if is_pipeline:
         components = {k: type(v).__name__ for k, v in obj.components.items() if v is not None}
-    card_data = ModelCardData(
-        license=license,
-        library_name="diffusers",
-        pipeline_tag=pipeline_tag,
-        datasets=datasets,
-        tags=list(
-            dict.fromkeys(["diffusers", "diffusers-mdit", family.tag, conditioning, *(tags or ())])
-        ),
-    )
-    return ModelCard.from_template(
-        card_data,
+    card = ModelCard.from_template(
+        ModelCardData(license=license, pipeline_tag=pipeline_tag, datasets=datasets),
         template_path=str(_resource(MODEL_CARD_TEMPLATE)),
         repo_id=repo_id or f"<your {'pipeline' if is_pipeline else 'model'} repo>",
         is_pipeline=is_pipeline,
         class_name=type(obj).__name__,
         model_class=model_class,
-        architecture=architecture,
+        architecture=family.architecture,
         layout=mdit_layout(config) if model_class == "MDiTTransformer2DModel" else None,
         config_summary={  # settings left at None (e.g. no per-block kernels) are not listed
             key: config[key] for key in family.config_summary if config.get(key) is not None
@@ -491,16 +303,18 @@ def create_model_card(
         training_data=training_data,
         training_steps=training_steps,
         sample_grid=sample_grid,
-        citation=citation,
+        citation=family.citation,
         version=installed_version(),
     )
+    tags = ["diffusers", "diffusers-mdit", family.tag, conditioning, *(tags or ())]
+    return populate_model_card(card, tags=list(dict.fromkeys(tags)))
 
 
 # -- pushing ----------------------------------------------------------------------------------
 
 
 class _HubPushMixin:
-    """``push_to_hub`` with a generated model card, shared by models and pipelines."""
+    """``push_to_hub`` with our model card, shared by models and pipelines."""
 
     def push_to_hub(
         self,
@@ -520,8 +334,9 @@ class _HubPushMixin:
         datasets: list[str] | None = None,
         existing_model_card: ExistingModelCard = "error",
     ) -> str:
-        """Save to a temporary folder and upload it to ``repo_id`` (created if needed) in one
-        commit, with a model card (see :func:`create_model_card` for the card arguments).
+        """diffusers' ``push_to_hub`` (save to a temporary folder, upload it to ``repo_id``,
+        created if needed, in one commit) with a model card (see :func:`create_model_card` for
+        the card arguments).
 
         Args:
             sample_grid: Image (PIL or file) uploaded as ``sample_grid.<ext>`` and shown in the
@@ -533,49 +348,71 @@ class _HubPushMixin:
         Returns:
             The URL of the commit.
         """
-        if existing_model_card not in ("error", "keep", "overwrite"):
-            raise ValueError(
-                f"existing_model_card must be 'error', 'keep' or 'overwrite', got "
-                f"{existing_model_card!r}."
-            )
         _refuse_pickle_save(safe_serialization)
-        api = HfApi()
-        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        has_readme = api.file_exists(repo_id, "README.md", token=token)
-        if has_readme and existing_model_card == "error":
-            raise FileExistsError(
-                f"{repo_id} already has a README.md, which push_to_hub does not replace silently. "
-                "Pass existing_model_card='keep' to push without touching it, or "
-                "existing_model_card='overwrite' to replace it with the generated model card."
-            )
+        repo_id, write_card = _create_repo(repo_id, private, token, existing_model_card)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, variant=variant)
-            grid_name = _save_sample_grid(sample_grid, Path(folder)) if sample_grid else None
-            if not has_readme or existing_model_card == "overwrite":
-                card = create_model_card(
-                    self,
-                    repo_id=repo_id,
-                    training_data=training_data,
-                    training_steps=training_steps,
-                    sample_grid=grid_name,
-                    license=license,
-                    tags=tags,
-                    datasets=datasets,
-                )
-                card.save(os.path.join(folder, "README.md"))
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or f"Upload {type(self).__name__}",
-                token=token,
-                create_pr=create_pr,
+            card = dict(training_data=training_data, training_steps=training_steps, tags=tags)
+            card.update(license=license, datasets=datasets, sample_grid=sample_grid)
+            return self._upload_with_card(
+                Path(folder), repo_id, write_card, token, commit_message, create_pr, **card
             )
 
-    def _push_after_save(self, save_directory: str | os.PathLike, kwargs: dict[str, Any]) -> None:
-        """``save_pretrained(..., push_to_hub=True)``: push through :meth:`push_to_hub`, so the
-        card and README rules apply (diffusers' own path would write its bare card)."""
+    def _upload_with_card(
+        self,
+        folder: Path,
+        repo_id: str,
+        write_card: bool,
+        token: str | None,
+        commit_message: str | None,
+        create_pr: bool,
+        sample_grid: PIL.Image.Image | str | os.PathLike | None = None,
+        **card: Any,
+    ) -> str:
+        """Add the sample grid and (``write_card``) the model card to a saved ``folder`` and
+        upload it with ``PushToHubMixin._upload_folder``."""
+        if sample_grid is not None:
+            card["sample_grid"] = _save_sample_grid(sample_grid, folder)
+        if write_card:
+            create_model_card(self, repo_id=repo_id, **card).save(folder / "README.md")
+        return self._upload_folder(
+            folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+        )
+
+    def _push_saved(self, save_directory: str | os.PathLike, kwargs: dict[str, Any]) -> None:
+        """``save_pretrained(..., push_to_hub=True)``: upload the saved folder with our card and
+        README rules (diffusers' own path writes its generic card)."""
+        push = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
         repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-        self.push_to_hub(repo_id, **kwargs)
+        repo_id, write_card = _create_repo(repo_id, push.get("private"), push.get("token"))
+        self._upload_with_card(
+            Path(save_directory),
+            repo_id,
+            write_card,
+            push.get("token"),
+            push.get("commit_message"),
+            push.get("create_pr", False),
+        )
+
+
+def _create_repo(
+    repo_id: str, private: bool | None, token: str | None, existing: ExistingModelCard = "error"
+) -> tuple[str, bool]:
+    """Create ``repo_id`` if needed; its full id, and whether to write our card (a README in the
+    repository is replaced only when ``existing`` is ``"overwrite"``, refused on ``"error"``)."""
+    if existing not in ("error", "keep", "overwrite"):
+        raise ValueError(
+            f"existing_model_card must be 'error', 'keep' or 'overwrite', got {existing!r}."
+        )
+    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    has_readme = file_exists(repo_id, "README.md", token=token)
+    if has_readme and existing == "error":
+        raise FileExistsError(
+            f"{repo_id} already has a README.md, which push_to_hub does not replace silently. "
+            "Pass existing_model_card='keep' to push without touching it, or "
+            "existing_model_card='overwrite' to replace it with the generated model card."
+        )
+    return repo_id, not has_readme or existing == "overwrite"
 
 
 def _save_sample_grid(image: PIL.Image.Image | str | os.PathLike, folder: Path) -> str:
@@ -596,35 +433,30 @@ class HubModelMixin(_HubPushMixin):
     versioned safetensors-only saving, ``push_to_hub`` with a model card."""
 
     @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """``ConfigMixin.load_config`` (which ``from_pretrained`` calls), then the class and the
+        version of the config checked (:func:`check_config`)."""
+        loaded = super().load_config(pretrained_model_name_or_path, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        path = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "", "config.json")
+        check_config(config, cls, ModelMixin, path)
+        return loaded
+
+    @classmethod
     def from_pretrained(
         cls: type[ModelT], pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
     ) -> ModelT:
-        """``ModelMixin.from_pretrained`` after checking the config (known class, version) and
-        the weights (present, safetensors, readable). A Hub repository is downloaded first (no
-        pickle files) and loaded from the snapshot."""
+        """``ModelMixin.from_pretrained`` with safetensors forced, the config checked
+        (:meth:`load_config`) and every tensor (:func:`check_tensors`)."""
         _refuse_pickle(kwargs)
-        source = str(pretrained_model_name_or_path)
-        subfolder = kwargs.get("subfolder") or ""
-        remote_files: list[str] = []
-        root = Path(source)
-        if not root.is_dir():
-            prefix = f"{subfolder}/" if subfolder else ""
-            patterns = [f"{prefix}config.json", f"{prefix}*.safetensors", f"{prefix}*.index.json"]
-            root, remote_files = download(source, kwargs, patterns)
-        folder = root / subfolder
-        config_path = folder / "config.json"
-        config = read_json(config_path)
-        check_saved_version(config, config_path)
-        check_class_name(config.get("_class_name"), cls, known_classes(ModelMixin), config_path)
-        check_weights(folder, _in_folder(remote_files, subfolder))
-        loaded = super().from_pretrained(str(root), **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        check_tensors(model, folder, kwargs.get("variant"))
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, output_loading_info=True, **kwargs
+        )
+        check_tensors(model, info, str(pretrained_model_name_or_path))
         if kwargs.get("device_map") is None:
             _own_weights(model)
-        if root != Path(source):
-            model.register_to_config(_name_or_path=source)
-        return loaded
+        return (model, info) if output_loading_info else model
 
     def save_pretrained(
         self,
@@ -636,12 +468,13 @@ class HubModelMixin(_HubPushMixin):
         push_to_hub: bool = False,
         **kwargs: Any,
     ) -> None:
-        """``ModelMixin.save_pretrained`` (safetensors only) plus the package version in
-        ``config.json``; ``push_to_hub=True`` pushes through :meth:`push_to_hub`. ``variant``
-        and ``max_shard_size`` are named because ``DiffusionPipeline.save_pretrained`` passes
-        them only to save methods whose signature has them."""
+        """``ModelMixin.save_pretrained`` (safetensors only) with the package version in
+        ``config.json``; ``push_to_hub=True`` pushes with our card. ``variant`` and
+        ``max_shard_size`` are named because ``DiffusionPipeline.save_pretrained`` passes them
+        only to save methods whose signature has them."""
         _refuse_pickle_save(safe_serialization)
-        push_kwargs = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
+        self.register_to_config(**{VERSION_KEY: installed_version()})
+        push = {key: kwargs.pop(key) for key in (*_PUSH_KWARGS, "repo_id") if key in kwargs}
         super().save_pretrained(
             save_directory,
             is_main_process=is_main_process,
@@ -649,10 +482,8 @@ class HubModelMixin(_HubPushMixin):
             max_shard_size=max_shard_size,
             **kwargs,
         )
-        if is_main_process:
-            stamp_model_config(Path(save_directory))
-            if push_to_hub:
-                self._push_after_save(save_directory, {**push_kwargs, "variant": variant})
+        if push_to_hub and is_main_process:
+            self._push_saved(save_directory, push)
 
 
 class HubPipelineMixin(_HubPushMixin):
@@ -664,16 +495,23 @@ class HubPipelineMixin(_HubPushMixin):
     def from_pretrained(
         cls: type[PipelineT], pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
     ) -> PipelineT:
-        """``DiffusionPipeline.from_pretrained`` after checking ``model_index.json`` (known
-        class, this class, version) and every model's weights, with safetensors forced for all
-        components. The folder's code files run without ``trust_remote_code`` only when they are
-        the installed package's own; a Hub repository is downloaded first (no pickle files)."""
+        """``DiffusionPipeline.from_pretrained`` with safetensors forced for every component,
+        after checking ``model_index.json`` (:func:`check_config`) and the code files: they run
+        without ``trust_remote_code`` only when they are the installed package's own. A Hub
+        repository is fetched with one ``snapshot_download`` (no pickle files), because
+        ``DiffusionPipeline.download`` imports its ``pipeline.py`` before we could compare it."""
         _refuse_pickle(kwargs)
         source = str(pretrained_model_name_or_path)
-        folder, remote_files = Path(source), []
+        folder = Path(source)
         if not folder.is_dir():
-            folder, remote_files = download(source, kwargs)
-        code, foreign = check_pipeline_folder(folder, cls, remote_files)
+            kwargs.pop("proxies", None)
+            snapshot = {key: kwargs.pop(key) for key in _SNAPSHOT_KWARGS if key in kwargs}
+            folder = Path(snapshot_download(source, ignore_patterns=PICKLE_PATTERNS, **snapshot))
+        index = cls.load_config(folder)
+        check_config(index, cls, DiffusionPipeline, folder / "model_index.json")
+        code = code_files(folder, index)
+        ours = _resource(HUB_CODE_FILE).read_bytes()
+        foreign = [name for name in code if (folder / name).read_bytes() != ours]
         if foreign and not kwargs.get("trust_remote_code"):
             raise ValueError(
                 f"{source} holds code files that are not the installed diffusers-mdit's "
@@ -696,11 +534,10 @@ class HubPipelineMixin(_HubPushMixin):
         **kwargs: Any,
     ) -> None:
         """``DiffusionPipeline.save_pretrained`` (safetensors only) plus the Hub files and the
-        version (:func:`write_pipeline_hub_files`); ``push_to_hub=True`` pushes through
-        :meth:`push_to_hub`."""
+        version (:func:`write_pipeline_hub_files`); ``push_to_hub=True`` pushes with our card."""
         _refuse_pickle_save(safe_serialization)
-        push_kwargs = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
+        push = {key: kwargs.pop(key) for key in (*_PUSH_KWARGS, "repo_id") if key in kwargs}
         super().save_pretrained(save_directory, variant=variant, **kwargs)
         write_pipeline_hub_files(Path(save_directory))
         if push_to_hub:
-            self._push_after_save(save_directory, {**push_kwargs, "variant": variant})
+            self._push_saved(save_directory, push)

@@ -6,6 +6,7 @@ on 127.0.0.1 (fake_hub.py) driven by the real huggingface_hub client; nothing re
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -21,7 +22,6 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from fake_hub import NAMESPACE, FakeHub
 from hub_jobs import model_output, sample
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file
 
 import diffusers_mdit
 from diffusers_mdit import (
@@ -217,6 +217,11 @@ def test_saved_pipelines_load_both_ways_in_a_fresh_process_with_identical_images
 def test_pushed_pipelines_and_model_load_back_from_the_hub_identically(
     hub, saved, pushed, tmp_path
 ):
+    # Pickle weights beside the safetensors ones (as old repositories hold) are never fetched.
+    pickle = base64.b64encode(b"not unpickled").decode()
+    for name, path in (("mdit", "transformer/diffusion_pytorch_model.bin"),
+                       ("model", "diffusion_pytorch_model.bin")):  # fmt: skip
+        hub.commit(repo(name), [{"key": "file", "value": {"path": path, "content": pickle}}])
     jobs = load_jobs(saved, {name: repo(name) for name in ("mdit", "text")}, tmp_path)
     model_out = str(tmp_path / "model.npy")
     model_class = "MDiTTransformer2DModel"
@@ -228,6 +233,8 @@ def test_pushed_pipelines_and_model_load_back_from_the_hub_identically(
     assert files["pipeline.py"] == _resource(HUB_CODE_FILE).read_bytes()
     assert files["transformer/diffusers_mdit.py"] == _resource(HUB_CODE_FILE).read_bytes()
     assert hub.unhandled == []  # the client needed no endpoint the fake Hub lacks
+    cache = tmp_path / "hf-home"
+    assert list(cache.rglob("*.safetensors")) and not list(cache.rglob("*.bin"))
 
 
 def test_pushed_model_card_carries_architecture_training_samples_citation_license(hub, pushed):
@@ -306,30 +313,61 @@ def edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def test_missing_weights_name_the_folder_and_the_fix(model_folder):
+# diffusers' own messages from here on (we force use_safetensors=True): each names the file.
+
+
+def test_missing_weights_name_the_file_and_the_folder(model_folder):
     (model_folder / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(OSError, match="has no weights.*Save the model again"):
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model.safetensors found in"):
         MDiTTransformer2DModel.from_pretrained(model_folder)
 
 
-def test_corrupt_weights_are_refused_before_loading(model_folder):
+def test_a_missing_shard_is_named(tmp_path):
+    model = randomize(tiny_mdit(num_classes=10), 1)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(tmp_path, max_shard_size=size // 3)
+    shards = sorted(tmp_path.glob("*-of-*.safetensors"))
+    assert len(shards) > 1
+    assert torch.equal(
+        *(m.proj_in.weight for m in (model, MDiTTransformer2DModel.from_pretrained(tmp_path)))
+    )
+    shards[-1].unlink()
+    with pytest.raises(OSError, match=f"does not appear to have a file named .*{shards[-1].name}"):
+        MDiTTransformer2DModel.from_pretrained(tmp_path)
+
+
+def test_corrupt_weights_are_refused(model_folder):
     weights = model_folder / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(OSError, match="not a readable safetensors file.*force_download=True"):
+    with pytest.raises(OSError, match=f"Unable to load weights from checkpoint file .*{weights}"):
         MDiTTransformer2DModel.from_pretrained(model_folder)
     weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
-    with pytest.raises(OSError, match="Git LFS pointer"):
+    with pytest.raises(OSError, match="git-lfs"):
         MDiTTransformer2DModel.from_pretrained(model_folder)
 
 
-def test_pickle_weights_are_refused(model_folder):
+class _Payload:
+    """Unpickling this writes a marker file: the proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_weights_are_refused_unread(model_folder, tmp_path):
     weights = model_folder / "diffusion_pytorch_model.safetensors"
-    torch.save(load_file(weights), model_folder / "diffusion_pytorch_model.bin")
+    marker = tmp_path / "code-ran"
+    torch.save(_Payload(marker), model_folder / "diffusion_pytorch_model.bin")
     with pytest.raises(ValueError, match="use_safetensors=False is not supported"):
         MDiTTransformer2DModel.from_pretrained(model_folder, use_safetensors=False)
     weights.unlink()
-    with pytest.raises(ValueError, match=r"only pickle weights \(diffusion_pytorch_model.bin\)"):
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model.safetensors"):
         MDiTTransformer2DModel.from_pretrained(model_folder)
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model.safetensors"):
+        MDiTTransformer2DModel.from_pretrained(model_folder.parent, subfolder="model")
+    assert not marker.exists()
     with pytest.raises(ValueError, match="safe_serialization=False is not supported"):
         tiny_mdit().save_pretrained(model_folder, safe_serialization=False)
 
@@ -348,7 +386,7 @@ def test_corrupt_config_and_configs_from_a_newer_or_unknown_version(model_folder
     with pytest.raises(ValueError, match="holds a MDiTTransformer2DModel.*MDiTTransformer2DModel"):
         DiffiTUNet2DModel.from_pretrained(model_folder)
     config.write_text(original[:-20])
-    with pytest.raises(OSError, match="config.json is not valid JSON"):
+    with pytest.raises(OSError, match="config.json' is not a valid JSON file"):
         MDiTTransformer2DModel.from_pretrained(model_folder)
 
 
@@ -379,6 +417,7 @@ def test_pipeline_checks_version_class_weights_and_code_files(pipeline_folder):
     assert type(MDiTPipeline.from_pretrained(pipeline_folder, trust_remote_code=True)) is (
         MDiTPipeline
     )
+    shutil.copyfile(_resource(HUB_CODE_FILE), code)
     (pipeline_folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(OSError, match="transformer has no weights"):
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model.safetensors .*former"):
         MDiTPipeline.from_pretrained(pipeline_folder)
