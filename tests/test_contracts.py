@@ -18,7 +18,9 @@ from diffusers_mdit import (
     MDiTTextToImagePipeline,
 )
 from diffusers_mdit.testing import (
+    TINY_DIFFIT,
     TINY_DIFFIT_UNET,
+    TINY_DIT,
     TINY_MDIT,
     ddim_x0,
     randomize,
@@ -26,9 +28,6 @@ from diffusers_mdit.testing import (
     tiny_text_encoder,
     tiny_vae,
 )
-
-TINY_DIFFIT = dict(sample_size=8, hidden_size=32, num_layers=2, num_attention_heads=2)
-TINY_DIT = dict(sample_size=8, num_layers=2, num_attention_heads=2, attention_head_dim=8)
 
 
 def _noise(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -29,6 +29,7 @@ from diffusers_mdit.models import (
 from diffusers_mdit.pipelines.pipeline_mdit import MDiTPipeline
 from diffusers_mdit.pipelines.pipeline_mdit_text2img import MDiTTextToImagePipeline
 from diffusers_mdit.testing import (
+    TINY_DIFFIT,
     TINY_DIFFIT_UNET,
     TINY_MDIT,
     ddim_x0,
@@ -39,7 +40,7 @@ from diffusers_mdit.training import checkpointing
 from diffusers_mdit.training.checkpointing import list_checkpoints
 from diffusers_mdit.training.trainer import add_arguments, train
 
-TINY_DIFFIT = dict(sample_size=8, hidden_size=32, num_layers=1, num_attention_heads=2)
+ONE_BLOCK_DIFFIT = {**TINY_DIFFIT, "num_layers": 1}
 
 # ============================================================================================
 # Points 5 and 7: images, data folders, shards, model inputs and configs, pipeline arguments,
@@ -122,7 +123,7 @@ def test_floating_inputs_are_cast_to_the_model_dtype_integers_refused(labelled_m
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="floating point tensor, got torch.int64.*float()"):
         labelled_mdit(x.long(), 10, class_labels=labels)
-    diffit = DiffiTTransformer2DModel(**TINY_DIFFIT).eval()
+    diffit = DiffiTTransformer2DModel(**ONE_BLOCK_DIFFIT).eval()
     assert diffit(x.half(), 10).sample.dtype == torch.float32
     with pytest.raises(ValueError, match="floating point tensor"):
         diffit((x * 100).to(torch.uint8), 10)
@@ -169,10 +170,10 @@ def test_mismatched_batch_sizes(labelled_mdit, inputs, message):
         (MDiTTransformer2DModel, TINY_MDIT, "core_dim", 0),
         (MDiTTransformer2DModel, TINY_MDIT, "in_channels", -2),
         (MDiTTransformer2DModel, TINY_MDIT, "ffn_mult", 0),
-        (DiffiTTransformer2DModel, TINY_DIFFIT, "sample_size", 0),
-        (DiffiTTransformer2DModel, TINY_DIFFIT, "patch_size", 0),
-        (DiffiTTransformer2DModel, TINY_DIFFIT, "hidden_size", 0),
-        (DiffiTTransformer2DModel, TINY_DIFFIT, "window_size", 0),
+        (DiffiTTransformer2DModel, ONE_BLOCK_DIFFIT, "sample_size", 0),
+        (DiffiTTransformer2DModel, ONE_BLOCK_DIFFIT, "patch_size", 0),
+        (DiffiTTransformer2DModel, ONE_BLOCK_DIFFIT, "hidden_size", 0),
+        (DiffiTTransformer2DModel, ONE_BLOCK_DIFFIT, "window_size", 0),
         (DiffiTUNet2DModel, TINY_DIFFIT_UNET, "attention_head_dim", 0),
         (DiffiTUNet2DModel, TINY_DIFFIT_UNET, "norm_num_groups", 0),
         (DiffiTUNet2DModel, TINY_DIFFIT_UNET, "window_size", -4),

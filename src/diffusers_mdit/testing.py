@@ -7,7 +7,12 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from .models import MDiTTransformer2DModel
+from .models import (
+    DiffiTTransformer2DModel,
+    DiffiTUNet2DModel,
+    DiTBaselineTransformer2DModel,
+    MDiTTransformer2DModel,
+)
 
 # An MDiT with every kind of block: {M, N, K, L} = {1, 1, 2, 1}, widths 32 / 64, 16-wide heads.
 TINY_MDIT = dict(
@@ -34,19 +39,46 @@ TINY_DIFFIT_UNET = dict(
 )
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+# A two-block latent DiffiT on 8x8 latents with global TMSA, 16-wide heads.
+TINY_DIFFIT = dict(sample_size=8, hidden_size=32, num_layers=2, num_attention_heads=2)
+
+# A two-block original DiT (patch 2) on 8x8 latents, 8-wide heads.
+TINY_DIT = dict(sample_size=8, num_layers=2, num_attention_heads=2, attention_head_dim=8)
+
+
+def randomize(
+    model: torch.nn.Module, seed: int = 0, keep_unit_weights: bool = False
+) -> torch.nn.Module:
     """Random weights everywhere, in eval mode: fresh models zero-initialise their output heads
-    and would predict exactly 0."""
+    and would predict exactly 0. ``keep_unit_weights``: weights that are exactly 1 (norm
+    scales) become ``1 + noise`` instead of ``noise``, so activations keep their scale through
+    deep stacks."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+            offset = (p == 1).to(p.dtype) if keep_unit_weights else 0.0
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1 + offset)
     return model.eval()
 
 
 def tiny_mdit(seed: int = 0, **overrides) -> MDiTTransformer2DModel:
     """:data:`TINY_MDIT` with ``overrides``, randomised with ``seed``."""
     return randomize(MDiTTransformer2DModel(**{**TINY_MDIT, **overrides}), seed)
+
+
+def tiny_diffit(seed: int = 0, **overrides) -> DiffiTTransformer2DModel:
+    """:data:`TINY_DIFFIT` with ``overrides``, randomised with ``seed``."""
+    return randomize(DiffiTTransformer2DModel(**{**TINY_DIFFIT, **overrides}), seed)
+
+
+def tiny_diffit_unet(seed: int = 0, **overrides) -> DiffiTUNet2DModel:
+    """:data:`TINY_DIFFIT_UNET` with ``overrides``, randomised with ``seed``."""
+    return randomize(DiffiTUNet2DModel(**{**TINY_DIFFIT_UNET, **overrides}), seed)
+
+
+def tiny_dit(seed: int = 0, **overrides) -> DiTBaselineTransformer2DModel:
+    """:data:`TINY_DIT` with ``overrides``, randomised with ``seed``."""
+    return randomize(DiTBaselineTransformer2DModel(**{**TINY_DIT, **overrides}), seed)
 
 
 def ddim_x0() -> DDIMScheduler:

@@ -14,6 +14,7 @@ from diffusers_mdit.models.diffit import (
     window_partition,
 )
 from diffusers_mdit.profiling import preset_cost
+from diffusers_mdit.testing import randomize
 
 TINY_LATENT = dict(hidden_size=64, num_layers=2, num_attention_heads=4)
 TINY_UNET = dict(
@@ -22,15 +23,6 @@ TINY_UNET = dict(
     attention_head_dim=16,
     norm_num_groups=8,
 )
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values everywhere (zero-initialised layers included) so every path matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model
 
 
 def tiny_latent(**overrides) -> DiffiTTransformer2DModel:

@@ -7,15 +7,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from diffusers_mdit import DiTBaselinePipeline, DiTBaselineTransformer2DModel
-from diffusers_mdit.testing import ddim_x0, randomize, tiny_vae
-
-TINY = dict(sample_size=8, num_layers=2, num_attention_heads=2, attention_head_dim=8)
+from diffusers_mdit import DiTBaselinePipeline, DiTBaselineTransformer2DModel, testing
+from diffusers_mdit.testing import ddim_x0, tiny_vae
 
 
 def tiny_dit(**overrides) -> DiTBaselineTransformer2DModel:
-    config = {**TINY, "in_channels": 3, "num_classes": 10, **overrides}
-    return randomize(DiTBaselineTransformer2DModel(**config))
+    return testing.tiny_dit(**{"in_channels": 3, "num_classes": 10, **overrides})
 
 
 def generator(seed: int = 0) -> torch.Generator:

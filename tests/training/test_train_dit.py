@@ -11,20 +11,15 @@ import torch
 
 from diffusers_mdit import DiTBaselinePipeline, DiTBaselineTransformer2DModel
 from diffusers_mdit.families import load_model
+from diffusers_mdit.testing import TINY_DIT
 from diffusers_mdit.training.trainer import add_arguments, build_model, train
 
-TINY_DIT = dict(
-    _class_name="DiTBaselineTransformer2DModel",
-    sample_size=8,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-)
+CONFIG = {"_class_name": "DiTBaselineTransformer2DModel", **TINY_DIT, "attention_head_dim": 16}
 
 
 def parse(tmp_path, output, **extra):
     config = tmp_path / "dit.json"
-    config.write_text(json.dumps(TINY_DIT))
+    config.write_text(json.dumps(CONFIG))
     values = dict(
         output_dir=str(output),
         model_config=str(config),
