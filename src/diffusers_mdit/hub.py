@@ -61,7 +61,7 @@ SAFETENSORS_ONLY = (
     "file can run arbitrary code."
 )
 _SNAPSHOT_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-_PUSH_KWARGS = ("commit_message", "private", "token", "create_pr")
+_PUSH_KWARGS = ("commit_message", "private", "token", "create_pr", "repo_id")
 
 ExistingModelCard = Literal["error", "keep", "overwrite"]
 ModelT = TypeVar("ModelT", bound="HubModelMixin")
@@ -326,17 +326,12 @@ class _HubPushMixin:
         safe_serialization: bool = True,
         variant: str | None = None,
         *,
-        training_data: str = "unknown",
-        training_steps: int | str = "unknown",
         sample_grid: PIL.Image.Image | str | os.PathLike | None = None,
-        license: str = "unknown",
-        tags: list[str] | None = None,
-        datasets: list[str] | None = None,
         existing_model_card: ExistingModelCard = "error",
+        **card: Any,
     ) -> str:
         """diffusers' ``push_to_hub`` (save to a temporary folder, upload it to ``repo_id``,
-        created if needed, in one commit) with a model card (see :func:`create_model_card` for
-        the card arguments).
+        created if needed, in one commit) with our model card.
 
         Args:
             sample_grid: Image (PIL or file) uploaded as ``sample_grid.<ext>`` and shown in the
@@ -344,6 +339,8 @@ class _HubPushMixin:
             existing_model_card: What to do when the repository already has a README.md:
                 ``"error"`` (default) refuses to push, ``"keep"`` pushes without a card and
                 leaves the README as it is, ``"overwrite"`` replaces it with the generated card.
+            card: ``training_data``, ``training_steps``, ``license``, ``tags``, ``datasets``
+                of :func:`create_model_card`.
 
         Returns:
             The URL of the commit.
@@ -352,47 +349,24 @@ class _HubPushMixin:
         repo_id, write_card = _create_repo(repo_id, private, token, existing_model_card)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, variant=variant)
-            card = dict(training_data=training_data, training_steps=training_steps, tags=tags)
-            card.update(license=license, datasets=datasets, sample_grid=sample_grid)
-            return self._upload_with_card(
-                Path(folder), repo_id, write_card, token, commit_message, create_pr, **card
-            )
+            if sample_grid is not None:
+                card["sample_grid"] = _save_sample_grid(sample_grid, Path(folder))
+            upload = dict(token=token, commit_message=commit_message, create_pr=create_pr)
+            return self._upload_with_card(Path(folder), repo_id, write_card, card, upload)
 
     def _upload_with_card(
-        self,
-        folder: Path,
-        repo_id: str,
-        write_card: bool,
-        token: str | None,
-        commit_message: str | None,
-        create_pr: bool,
-        sample_grid: PIL.Image.Image | str | os.PathLike | None = None,
-        **card: Any,
+        self, folder: Path, repo_id: str, write_card: bool, card: dict, upload: dict
     ) -> str:
-        """Add the sample grid and (``write_card``) the model card to a saved ``folder`` and
-        upload it with ``PushToHubMixin._upload_folder``."""
-        if sample_grid is not None:
-            card["sample_grid"] = _save_sample_grid(sample_grid, folder)
         if write_card:
             create_model_card(self, repo_id=repo_id, **card).save(folder / "README.md")
-        return self._upload_folder(
-            folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
-        )
+        return self._upload_folder(folder, repo_id, **upload)
 
-    def _push_saved(self, save_directory: str | os.PathLike, kwargs: dict[str, Any]) -> None:
+    def _push_saved(self, save_directory: str | os.PathLike, push: dict[str, Any]) -> None:
         """``save_pretrained(..., push_to_hub=True)``: upload the saved folder with our card and
         README rules (diffusers' own path writes its generic card)."""
-        push = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
-        repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-        repo_id, write_card = _create_repo(repo_id, push.get("private"), push.get("token"))
-        self._upload_with_card(
-            Path(save_directory),
-            repo_id,
-            write_card,
-            push.get("token"),
-            push.get("commit_message"),
-            push.get("create_pr", False),
-        )
+        repo_id = push.pop("repo_id", Path(save_directory).name)
+        repo_id, write_card = _create_repo(repo_id, push.pop("private", None), push.get("token"))
+        self._upload_with_card(Path(save_directory), repo_id, write_card, {}, push)
 
 
 def _create_repo(
@@ -474,7 +448,7 @@ class HubModelMixin(_HubPushMixin):
         only to save methods whose signature has them."""
         _refuse_pickle_save(safe_serialization)
         self.register_to_config(**{VERSION_KEY: installed_version()})
-        push = {key: kwargs.pop(key) for key in (*_PUSH_KWARGS, "repo_id") if key in kwargs}
+        push = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
         super().save_pretrained(
             save_directory,
             is_main_process=is_main_process,
@@ -536,7 +510,7 @@ class HubPipelineMixin(_HubPushMixin):
         """``DiffusionPipeline.save_pretrained`` (safetensors only) plus the Hub files and the
         version (:func:`write_pipeline_hub_files`); ``push_to_hub=True`` pushes with our card."""
         _refuse_pickle_save(safe_serialization)
-        push = {key: kwargs.pop(key) for key in (*_PUSH_KWARGS, "repo_id") if key in kwargs}
+        push = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
         super().save_pretrained(save_directory, variant=variant, **kwargs)
         write_pipeline_hub_files(Path(save_directory))
         if push_to_hub:
