@@ -11,6 +11,7 @@ weights (:func:`diffusers_mdit.testing.randomize`) before comparing.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from typing import Any
 
@@ -23,6 +24,12 @@ from diffusers_mdit.lora import lora_config
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
     torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+
+
+def _public(config) -> dict[str, Any]:
+    """A config without diffusers' and our bookkeeping (``_name_or_path``, versions), as JSON
+    stores it (tuples become lists)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
 
 
 def _to_legacy_names(state: dict[str, torch.Tensor], fused_qkv: bool) -> dict[str, torch.Tensor]:
@@ -64,8 +71,14 @@ class ModelContract:
 
     def test_save_load_is_exact(self, model, tmp_path):
         model.save_pretrained(tmp_path)
+        assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
         loaded = type(model).from_pretrained(tmp_path).eval()
         assert torch.equal(self.output(model), self.output(loaded))
+        assert _public(loaded.config) == _public(model.config)
+        saved, reloaded = model.state_dict(), loaded.state_dict()
+        assert list(saved) == list(reloaded)
+        for name, tensor in saved.items():
+            assert torch.equal(tensor, reloaded[name]), name
 
     def test_old_attention_names_load(self, model, tmp_path):
         """Folders saved before the diffusers attention naming (``to_out``, DiffiT's fused
@@ -109,10 +122,10 @@ class ModelContract:
         checkpointed.enable_gradient_checkpointing()
         assert checkpointed.is_gradient_checkpointing
         again = run(checkpointed)
-        _close(again[0], plain[0])
+        torch.testing.assert_close(again[0], plain[0], rtol=0, atol=1e-6)
         assert len(again[1]) == len(plain[1])
         for a, b in zip(again[1], plain[1], strict=True):
-            _close(a, b, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
     @pytest.mark.parametrize("storage", [torch.float8_e4m3fn, torch.float16])
     def test_layerwise_casting(self, model, storage):

@@ -40,7 +40,7 @@ def _noise(*shape: int, seed: int = 0) -> torch.Tensor:
 class TestMDiTContract(ModelContract):
     @pytest.fixture
     def model(self):
-        return tiny_mdit(num_classes=3, cross_attention_dim=16)
+        return tiny_mdit(num_classes=3, cross_attention_dim=16, use_aux_conditions=True)
 
     def inputs(self, batch=2):
         return dict(
@@ -49,6 +49,8 @@ class TestMDiTContract(ModelContract):
             class_labels=torch.tensor([0, 2])[:batch],
             encoder_hidden_states=_noise(batch, 3, 16, seed=1),
             encoder_attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]])[:batch],
+            image_scale=torch.tensor([0.5, 1.0])[:batch],
+            aspect_ratio=torch.tensor([1.0, 0.75])[:batch],
         )
 
 
@@ -86,11 +88,15 @@ class TestDiffiTUNetContract(ModelContract):
 
     @pytest.fixture
     def model(self):
-        return randomize(DiffiTUNet2DModel(**TINY_DIFFIT_UNET))
+        return randomize(DiffiTUNet2DModel(**TINY_DIFFIT_UNET, num_classes=3))
 
     def inputs(self, batch=2):
         # ``sample=`` as diffusers' U-Nets name it.
-        return dict(sample=_noise(batch, 3, 16, 16), timestep=torch.tensor([10.0, 700.0]))
+        return dict(
+            sample=_noise(batch, 3, 16, 16),
+            timestep=torch.tensor([10.0, 700.0]),
+            class_labels=torch.tensor([0, 2]),
+        )
 
 
 class TestDiTBaselineContract(ModelContract):
