@@ -11,22 +11,17 @@ offline digits metrics (classifier FD, conditional accuracy).
 Not run: RoPE vs sinusoidal positions (MDiT's position encoding is partial-head RoPE only; the
 issue asks for it "if offered").
 
-    python experiments/ablations.py            # 4 arms x 2 seeds, 800 steps (CPU)
-    python experiments/ablations.py --quick    # CI smoke run
+    python -m experiments.ablations            # 4 arms x 2 seeds, 800 steps (CPU)
+    python -m experiments.ablations --quick    # CI smoke run
     # add one arm to an existing result without retraining the others:
-    python experiments/ablations.py --arms "class by modulation {1,1,2,4}" --update
+    python -m experiments.ablations --arms "class by modulation {1,1,2,4}" --update
 
 Writes ``<results_dir>/ablations.json`` / ``.csv`` and ``ablations.png``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import MDIT_DIGITS, arm_arguments, compare_arms  # noqa: E402
+from .common import MDIT_DIGITS, arm_arguments, compare_arms
 
 # Parameters with 10 classes and 3 channels (measured with diffusers_mdit.profiling):
 # full 2.36M; no outer, L = 5: 2.51M (+6%; L = 4 is 2.20M, -7%); no aggregate, L = 7: 2.41M

@@ -9,11 +9,11 @@ DiT analog needs to first reach its final Frechet distance, divided by those MDi
 reach the same value (no interpolation: the first scored stage at or below it). Several seeds;
 the spread is over seeds.
 
-    python experiments/convergence.py                 # 3 seeds, stages up to 1200 steps (CPU)
-    python experiments/convergence.py --quick         # CI smoke run (tiny stages)
-    python experiments/convergence.py --seeds 0 1 2 3 4 --stages 250 500 1000 2000 4000
+    python -m experiments.convergence                 # 3 seeds, stages up to 1200 steps (CPU)
+    python -m experiments.convergence --quick         # CI smoke run (tiny stages)
+    python -m experiments.convergence --seeds 0 1 2 3 4 --stages 250 500 1000 2000 4000
     # any labelled imagefolder (class sub-folders or metadata.jsonl labels) instead of the digits:
-    python experiments/convergence.py --train_data_dir path/to/images --resolution 32
+    python -m experiments.convergence --train_data_dir path/to/images --resolution 32
 
 With ``--train_data_dir`` both arms train on that folder at ``--resolution`` (the same model
 configs: a larger resolution gives a larger core token grid) and are scored with the same
@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (  # noqa: E402
+from .common import (
     DIT_DIGITS,
     MDIT_DIGITS,
     Recipe,
@@ -167,7 +164,7 @@ def main(argv=None) -> dict:
     recipe = Recipe(resolution=args.resolution, batch_size=args.batch_size)
     data = "the digits"
     if args.train_data_dir:
-        from common import FolderQuality
+        from .common import FolderQuality
 
         data = args.train_data_dir
         quality = FolderQuality(data, args.resolution)
@@ -178,7 +175,7 @@ def main(argv=None) -> dict:
             f"classifier held-out accuracy {quality.classifier.heldout_accuracy:.3f}"
         )
     else:
-        from common import digits_quality as quality
+        from .common import digits_quality as quality
 
         extra_flags, num_classes = {}, 10
     score = make_scorer(args, num_classes)

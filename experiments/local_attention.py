@@ -20,8 +20,8 @@ clipped to the data range [-1, 1], so peak-to-peak 2) is averaged per image set.
 model reproduces its training images but not new ones. Sample quality of each run: the offline
 digits metrics (classifier FD, conditional accuracy).
 
-    python experiments/local_attention.py            # 4 arms x 4 sizes x 2 seeds (CPU, ~2.7 h)
-    python experiments/local_attention.py --quick    # CI smoke run
+    python -m experiments.local_attention            # 4 arms x 4 sizes x 2 seeds (CPU, ~2.7 h)
+    python -m experiments.local_attention --quick    # CI smoke run
 
 Defaults and their cost: in the recorded runs (2-core CPU, one torch thread, another experiment
 on the other core) training took 244-365 s a run (median 274 s; on 64 tokens the neighborhood
@@ -48,16 +48,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (  # noqa: E402
+from .common import (
     DIT_DIGITS,
     Recipe,
     add_run_arguments,

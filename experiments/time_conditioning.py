@@ -8,20 +8,15 @@ query, key and value (the paper), once with DiT's adaLN-Zero modulation instead
 projections, so that arm uses MLP ratio 2.5 instead of 4, which removes as many: the two
 parameter counts differ by 0.2%. Scored with the offline digits metrics.
 
-    python experiments/time_conditioning.py            # 2 arms x 2 seeds, 800 steps (CPU)
-    python experiments/time_conditioning.py --quick    # CI smoke run
+    python -m experiments.time_conditioning            # 2 arms x 2 seeds, 800 steps (CPU)
+    python -m experiments.time_conditioning --quick    # CI smoke run
 
 Writes ``<results_dir>/time_conditioning.json`` / ``.csv`` and ``time_conditioning.png``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import arm_arguments, compare_arms  # noqa: E402
+from .common import arm_arguments, compare_arms
 
 DIFFIT_DIGITS = dict(
     _class_name="DiffiTTransformer2DModel",

@@ -6,8 +6,8 @@ identical. For each lambda: the per-sample per-channel variance (over pixels) of
 samples against that of the real digits (histograms, and the Wasserstein-1 distance between the
 two distributions), and the change of sample quality (the offline digits metrics).
 
-    python experiments/variance_matching.py            # 4 lambdas x 2 seeds, 800 steps (CPU)
-    python experiments/variance_matching.py --quick    # CI smoke run
+    python -m experiments.variance_matching            # 4 lambdas x 2 seeds, 800 steps (CPU)
+    python -m experiments.variance_matching --quick    # CI smoke run
 
 Writes ``<results_dir>/variance_matching.json`` / ``.csv`` and ``variance_matching.png``.
 """
@@ -17,14 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (  # noqa: E402
+from .common import (
     MDIT_DIGITS,
     Recipe,
     add_run_arguments,
@@ -83,7 +80,7 @@ def plot(real: np.ndarray, generated: dict[float, np.ndarray], path: str) -> Non
 
 
 def main(argv=None) -> dict:
-    from common import digits_quality
+    from .common import digits_quality
 
     args = parse_args(argv)
     recipe = Recipe()

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, "experiments")
-
 
 def load_experiment(name: str):
-    sys.path.insert(0, EXPERIMENTS)
-    try:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(EXPERIMENTS)
+    """``experiments.<name>``: the package is importable from the repository root (pytest's
+    ``pythonpath``), as ``python -m experiments.<name>`` runs it."""
+    return importlib.import_module(f"experiments.{name}")
 
 
 def stages(values, flops_per_step):
@@ -179,17 +168,16 @@ def test_local_attention_arms_differ_from_global_only_in_their_windows():
 
 @pytest.mark.parametrize(
     "name",
-    ["convergence", "variance_matching", "ablations", "time_conditioning", "local_attention"],
-)
+    [
+        "convergence", "variance_matching", "ablations", "time_conditioning", "local_attention",
+        "heldout_convergence",
+    ],
+)  # fmt: skip
 def test_quick_run_writes_raw_numbers_and_plots(tmp_path, name):
     experiment = load_experiment(name)
-    sys.path.insert(0, EXPERIMENTS)
-    try:
-        result = experiment.main(
-            ["--quick", "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path)]
-        )
-    finally:
-        sys.path.remove(EXPERIMENTS)
+    result = experiment.main(
+        ["--quick", "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path)]
+    )
     saved = json.loads((tmp_path / f"{name}.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert all(np.isfinite(row["fd"]) and 0 <= row["accuracy"] <= 1 for row in saved["rows"])
@@ -204,6 +192,14 @@ def test_quick_run_writes_raw_numbers_and_plots(tmp_path, name):
             for t in (100, 600)
         }
         assert all(np.isfinite(row["gap"]) for row in saved["rows"])
+    if name == "heldout_convergence":
+        # Every arm of the seed, evaluated at each evaluation step, scored on its samples.
+        assert {(row["arm"], row["step"]) for row in saved["rows"]} == {
+            (arm, step) for arm in experiment.ARMS for step in (2, 4)
+        }
+        assert all(np.isfinite(row["heldout_loss"]) for row in saved["rows"])
+        assert {row["samples"] for row in saved["runs"]} == {2 * 10}
+        assert len(saved["speedups"]) == len(experiment.BASELINES)
 
 
 def test_parameter_count_builds_the_family_the_config_names():
@@ -255,15 +251,11 @@ def test_convergence_trains_and_scores_on_a_labelled_imagefolder(tmp_path):
             pixels = (digits.images[index] * 255 / 16).astype(np.uint8)
             Image.fromarray(pixels).convert("RGB").save(folder / f"{index}.png")
     convergence = load_experiment("convergence")
-    sys.path.insert(0, EXPERIMENTS)
-    try:
-        result = convergence.main(
-            ["--quick", "--train_data_dir", str(tmp_path / "images"), "--resolution", "8",
-             "--batch_size", "8", "--output_dir", str(tmp_path / "runs"),
-             "--results_dir", str(tmp_path)]
-        )  # fmt: skip
-    finally:
-        sys.path.remove(EXPERIMENTS)
+    result = convergence.main(
+        ["--quick", "--train_data_dir", str(tmp_path / "images"), "--resolution", "8",
+         "--batch_size", "8", "--output_dir", str(tmp_path / "runs"),
+         "--results_dir", str(tmp_path)]
+    )  # fmt: skip
     assert 0 <= result["classifier_heldout_accuracy"] <= 1
     assert {row["arm"] for row in result["rows"]} == set(convergence.ARMS)
     assert all(np.isfinite(row["fd"]) and 0 <= row["accuracy"] <= 1 for row in result["rows"])
@@ -276,3 +268,104 @@ def test_convergence_trains_and_scores_on_a_labelled_imagefolder(tmp_path):
     assert args.output_dir == "outputs/experiments/convergence_flowers_32"
     assert args.results_dir == "outputs/experiments/convergence_flowers_32/results"
     assert convergence.parse_args([]).results_dir == "experiments/results"
+
+
+def heldout_curve(points):
+    return [{"step": step, "heldout_loss": loss} for step, loss in points]
+
+
+def test_steps_to_reach_interpolates_in_log_step_and_says_when_never():
+    experiment = load_experiment("heldout_convergence")
+    curve = heldout_curve([(25, 1.0), (50, 0.6), (100, 0.4), (200, 0.3)])
+    # 0.5 lies halfway between the losses at 50 and 100: halfway in log-step is sqrt(50 * 100).
+    assert experiment.steps_to_reach(curve, 0.5) == pytest.approx((50 * 100) ** 0.5)
+    assert experiment.steps_to_reach(curve, 0.4) == pytest.approx(100)
+    assert experiment.steps_to_reach(curve, 2.0) == 25  # already there at the first evaluation
+    assert experiment.steps_to_reach(curve, 0.1) is None
+
+
+def test_heldout_speedups_pair_seeds_and_bound_what_is_not_reached():
+    experiment = load_experiment("heldout_convergence")
+    mdit = {
+        seed: {"curve": heldout_curve([(50, 0.5), (100, 0.3)]), "train_flops_per_step": 2.0}
+        for seed in (0, 1)
+    }
+    fast = {"curve": heldout_curve([(50, 0.6), (100, 0.5), (200, 0.4), (400, 0.3)]),
+            "train_flops_per_step": 1.0}  # fmt: skip
+    slow = {"curve": heldout_curve([(50, 0.9), (100, 0.8), (400, 0.6)]),
+            "train_flops_per_step": 1.0}  # fmt: skip
+    runs = {experiment.MDIT_ARM: mdit, "dit": {0: fast, 1: slow}}
+    rows = experiment.speedups(runs, [50, 100])
+    by = {(r["mdit_step"], r["seed"]): r for r in rows}
+    # Seed 0: MDiT's 0.5 at step 50 is reached by the baseline at 100, 0.3 at 100 only at 400.
+    assert by[50, 0]["baseline_steps"] == 100 and by[50, 0]["step_speedup"] == 2.0
+    assert by[50, 0]["flop_speedup"] == pytest.approx(100 * 1.0 / (50 * 2.0))
+    assert by[100, 0]["step_speedup"] == 4.0
+    # Seed 1 never gets there: a lower bound of its last step over S, no speedup.
+    assert by[100, 1]["step_speedup"] is None and by[100, 1]["step_speedup_lower_bound"] == 4.0
+    summary = {s["mdit_step"]: s for s in experiment.summarise_speedups(rows)}
+    assert summary[100]["step_mean"] == 4.0 and summary[100]["step_not_reached_lower_bounds"] == [
+        4.0
+    ]
+
+
+def test_heldout_arms_are_the_paper_proportions_and_matched_baselines():
+    from diffusers_mdit.models import DiTBaselineTransformer2DModel, MDiTTransformer2DModel
+
+    experiment = load_experiment("heldout_convergence")
+    mdit = experiment.build(experiment.ARMS[experiment.MDIT_ARM], 10, seed=0)
+    assert isinstance(mdit, MDiTTransformer2DModel)
+    config = mdit.config
+    assert config.core_patch_size == 2 and 2 * config.outer_dim == config.core_dim
+    assert config.num_outer_out_blocks == 2 * config.num_outer_in_blocks
+    outer_heads = mdit.outer_in_blocks[0].attn.num_heads
+    core_heads = mdit.core_blocks[0].attn.num_heads
+    assert outer_heads >= 2 and mdit.aggregate_blocks[0].attn.num_heads == 1.5 * core_heads
+    parameters, flops = experiment.cost(experiment.ARMS[experiment.MDIT_ARM])
+    assert parameters == sum(p.numel() for p in mdit.parameters())
+    for arm in experiment.BASELINES:
+        other_parameters, other_flops = experiment.cost(experiment.ARMS[arm])
+        if "FLOPs" in arm:
+            assert abs(other_flops / flops - 1) < 0.05, arm
+        else:
+            assert abs(other_parameters / parameters - 1) < 0.05, arm
+    for arm in ("DiT@params d5", "DiT@FLOPs d8"):
+        dit = experiment.build(experiment.ARMS[arm], 10, seed=0)
+        assert isinstance(dit, DiTBaselineTransformer2DModel) and dit.config.patch_size == 2
+        assert dit.inner_dim == config.core_dim  # the core's width and token grid
+    full = experiment.ARMS[experiment.MDIT_ARM]
+    no_outer = experiment.ARMS["no outer level {0,0,2,3}"]
+    no_aggregate = experiment.ARMS["no aggregate blocks {1,2,0,5}"]
+    assert {k for k in full if no_outer[k] != full[k]} == {
+        "num_outer_in_blocks", "num_outer_out_blocks", "num_core_blocks"
+    }  # fmt: skip
+    assert {k for k in full if no_aggregate[k] != full[k]} == {
+        "num_alternating_blocks", "num_core_blocks"
+    }  # fmt: skip
+    # The same seed builds the same model; the data and noise generator is separate from it.
+    again = experiment.build(experiment.ARMS[experiment.MDIT_ARM], 10, seed=0)
+    pairs = zip(mdit.parameters(), again.parameters(), strict=True)
+    assert all(bool((a == b).all()) for a, b in pairs)
+
+
+def test_heldout_loss_of_an_x0_model_returning_its_input_is_the_noise_mse():
+    """An x0 model whose output is its noisy input: the loss is the MSE of the forward
+    process's noise at each timestep, computed here from alpha_bar."""
+    import torch
+
+    experiment = load_experiment("heldout_convergence")
+    from diffusers_mdit.training.objectives import make_objective
+
+    class Identity(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return type("Out", (), {"sample": x})()
+
+    objective = make_objective("x0", snr_gamma=5.0)
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    losses = experiment.heldout_loss(Identity(), objective, images, None, (100, 700), seed=5)
+    for t in (100, 700):
+        alpha_bar = objective.noise_scheduler.alphas_cumprod[t]
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(5 + t))
+        noisy = alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
+        assert losses[t] == pytest.approx((noisy - images).pow(2).mean().item(), rel=1e-5)
+    assert losses[700] > losses[100]  # more noise, larger error
