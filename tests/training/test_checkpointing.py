@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from diffusers_mdit.training.checkpointing import (
     batch_indices,
@@ -18,8 +20,20 @@ from diffusers_mdit.training.checkpointing import (
 )
 
 
+def build():
+    """An accelerator-prepared model with an optimizer, a warm-up schedule and an EMA."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
+    schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=5)
+    ema = EMAModel(model.parameters(), decay=0.9)
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    return accelerator, dict(model=model, optimizer=optimizer, lr_scheduler=schedule, ema=ema)
+
+
 @pytest.fixture
 def setup():
+    """An accelerator-prepared model and optimizer, no schedule (the rate stays 0.1)."""
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -57,6 +71,32 @@ def test_save_load_round_trip_and_retention(setup, tmp_path):
         "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.json",
         "rng-0.safetensors", "training_state.json",
     ]  # fmt: skip
+
+
+def test_checkpoint_state_round_trips_exactly(tmp_path):
+    """Optimizer, schedule and EMA come back identical (tensors bit for bit, the rest equal)."""
+    accelerator, saved = build()
+    for _ in range(2):
+        saved["model"](torch.ones(4, 3)).square().mean().backward()
+        saved["optimizer"].step()
+        saved["lr_scheduler"].step()
+        saved["ema"].step(saved["model"].parameters())
+    torch.manual_seed(5)
+    save_checkpoint(accelerator, str(tmp_path), 2, saved)
+    expected_draw = torch.rand(3)
+    _, loaded = build()
+    load_checkpoint(accelerator, str(tmp_path / "checkpoint-2"), loaded)
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG state came back
+    a, b = saved["optimizer"].state_dict(), loaded["optimizer"].state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for index in a["state"]:
+        for key, value in a["state"][index].items():
+            assert torch.equal(value, b["state"][index][key])
+    assert saved["lr_scheduler"].state_dict() == loaded["lr_scheduler"].state_dict()
+    ema_a, ema_b = saved["ema"].state_dict(), loaded["ema"].state_dict()
+    for x, y in zip(ema_a.pop("shadow_params"), ema_b.pop("shadow_params"), strict=True):
+        assert torch.equal(x, y)
+    assert ema_a == ema_b
 
 
 def test_a_crash_while_saving_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
