@@ -440,6 +440,8 @@ def summarise_finals(runs: dict[str, dict[int, dict]]) -> list[dict]:
         for key, vals in values.items():
             entry[f"{key}_mean"], entry[f"{key}_std"] = statistics.mean(vals), spread(vals)
             entry[f"{key}_min"], entry[f"{key}_max"] = min(vals), max(vals)
+        by_t = [r["curve"][-1]["heldout_loss_by_t"] for r in seeds.values()]
+        entry["heldout_loss_by_t_mean"] = {t: statistics.mean(b[t] for b in by_t) for t in by_t[0]}
         summary.append(entry)
     return summary
 
@@ -578,6 +580,11 @@ def main(argv=None) -> dict:
             f"{s['fd_mean']:6.2f}+-{s['fd_std']:<5.2f} "
             f"{100 * s['accuracy_mean']:5.1f}+-{100 * s['accuracy_std']:<4.1f}"
         )
+    timesteps = list(result["finals"][0]["heldout_loss_by_t_mean"])
+    print(f"\nfinal held-out x0-MSE by timestep (mean over seeds): t = {', '.join(timesteps)}")
+    for s in result["finals"]:
+        values = s["heldout_loss_by_t_mean"].values()
+        print(f"{s['arm']:>30} " + " ".join(f"{v:.4f}" for v in values))
     for s in result["speedup_summary"]:
         cells = []
         for kind in ("step", "flop"):
