@@ -68,12 +68,15 @@ class DiffiTPipeline(TransformerDiffusionPipeline):
         0, deterministic DDIM)."""
         sampling = sampling_arguments(locals())
         config = self.transformer.config
+        # 1. Check inputs
         height = height or self.default_size()
         width = width or self.default_size()
         device = self._execution_device
         self.check_common_inputs(
             height, width, num_inference_steps, output_type, callback_on_step_end_tensor_inputs
         )
+
+        # 2. Conditioning, and the unconditional branch of classifier-free guidance
         labels, batch = batch_labels(
             class_labels, batch_size, num_images_per_prompt, config.num_classes, device
         )
@@ -86,6 +89,7 @@ class DiffiTPipeline(TransformerDiffusionPipeline):
                 )
             unconditional = {"class_labels": torch.full_like(labels, config.num_classes)}
 
+        # 3. Initial latents, then 4. denoise and decode
         latents = self.prepare_latents(batch, height, width, generator, latents)
         return self.generate(
             latents, conditional, unconditional, sampling, output_type, return_dict

@@ -252,6 +252,7 @@ class MDiTPipeline(MDiTCoreOptionsMixin, TransformerDiffusionPipeline):
         sampling = sampling_arguments(locals())
         model = self.transformer
         config = model.config
+        # 1. Check inputs
         height = height or self.default_size()
         width = width or self.default_size()
         device = self._execution_device
@@ -266,6 +267,8 @@ class MDiTPipeline(MDiTCoreOptionsMixin, TransformerDiffusionPipeline):
                 "use_aux_conditions=True."
             )
         self.check_core_patch_schedule(core_patch_schedule, height, width)
+
+        # 2. Conditioning, and the unconditional branch of classifier-free guidance
         labels, batch = batch_labels(
             class_labels, batch_size, num_images_per_prompt, config.num_classes, device
         )
@@ -294,8 +297,10 @@ class MDiTPipeline(MDiTCoreOptionsMixin, TransformerDiffusionPipeline):
         if unconditional is not None:
             unconditional = {k: v for k, v in unconditional.items() if v is not None}
 
+        # 3. Initial latents
         latents = self.prepare_latents(batch, height, width, generator, latents)
 
+        # 4. Denoise with the call's core options, then decode
         with self.core_settings(core_attention, core_kernel_size, core_patch_schedule) as before:
             return self.generate(
                 latents, conditional, unconditional, sampling, output_type, return_dict, before

@@ -131,6 +131,7 @@ class MDiTTextToImagePipeline(MDiTCoreOptionsMixin, TransformerDiffusionPipeline
                 "The transformer has no text conditioning; build it with cross_attention_dim "
                 "set to the text encoder width."
             )
+        # 1. Check inputs
         height = height or self.default_size()
         width = width or self.default_size()
         self.check_common_inputs(
@@ -141,6 +142,8 @@ class MDiTTextToImagePipeline(MDiTCoreOptionsMixin, TransformerDiffusionPipeline
             raise ValueError(
                 f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}."
             )
+
+        # 2. Text states, and the unconditional branch of classifier-free guidance
         count = num_images_per_prompt
         embeddings, mask = self._text_states(
             "prompt", prompt, prompt_embeds, prompt_attention_mask, count, max_sequence_length
@@ -183,7 +186,10 @@ class MDiTTextToImagePipeline(MDiTCoreOptionsMixin, TransformerDiffusionPipeline
             if unconditional is not None:
                 unconditional["class_labels"] = null
 
+        # 3. Initial latents
         latents = self.prepare_latents(embeddings.shape[0], height, width, generator, latents)
+
+        # 4. Denoise with the call's core options, then decode
         with self.core_settings(core_attention, core_kernel_size, core_patch_schedule) as before:
             return self.generate(
                 latents, conditional, unconditional, sampling, output_type, return_dict, before
