@@ -31,6 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -226,8 +227,8 @@ class DiffiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, LAYER_NORM_EPS, norm_elementwise_affine)
         self.mlp = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
 
-    def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), time_token)
+    def forward(self, hidden_states: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        x = hidden_states + self.attn(self.norm1(hidden_states), time_token)
         return x + self.mlp(self.norm2(x))
 
 
@@ -259,9 +260,10 @@ class DiffiTAdaLNBlock(nn.Module):
         self.mlp = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
         self.modulation = nn.Linear(time_dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
         chunks = self.modulation(F.silu(time_token))[:, None, None].chunk(6, dim=-1)
         shift1, scale1, gate1, shift2, scale2, gate2 = chunks
+        x = hidden_states
         x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, None)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
@@ -328,6 +330,7 @@ class _DiffiTModelMixin:
 class DiffiTTransformer2DModel(
     HubModelMixin,
     AttentionModelMixin,
+    CacheMixin,
     ModelMixin,
     ConfigMixin,
     PeftAdapterMixin,
@@ -352,9 +355,8 @@ class DiffiTTransformer2DModel(
     NVIDIA's released checkpoints load with :meth:`from_single_file`
     (:mod:`~diffusers_mdit.models.conversion_diffit`).
 
-    Not a diffusers ``CacheMixin``: its block hooks need the blocks registered in diffusers'
-    ``TransformerBlockRegistry`` with its (hidden_states, encoder_hidden_states) signatures,
-    while DiffiT blocks take ``(B, H, W, C)`` grids and the time token; untested, so not offered.
+    A diffusers ``CacheMixin`` for FirstBlockCache only (:meth:`enable_cache`): the isotropic
+    ``blocks`` stack is what it expects, the first block's residual standing in for the rest.
 
     Parameters:
         sample_size (`int`, defaults to 32): Training latent size; sets the extent of the
@@ -468,6 +470,24 @@ class DiffiTTransformer2DModel(
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return self.config.patch_size * (self.config.window_size or 1)
+
+    def enable_cache(self, config: Any) -> None:
+        """``CacheMixin.enable_cache`` for a ``FirstBlockCacheConfig``, after registering the
+        block classes in diffusers' block registry, which its hooks read (lazily: registering
+        imports all of diffusers' transformers). The other techniques hook attention layers by
+        diffusers' block names and timestep callbacks; untested here, so refused."""
+        from diffusers.hooks import FirstBlockCacheConfig
+        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+        if not isinstance(config, FirstBlockCacheConfig):
+            raise NotImplementedError(
+                f"{type(self).__name__} supports FirstBlockCacheConfig only, got "
+                f"{type(config).__name__}."
+            )
+        for block_class in TIME_CONDITIONING.values():
+            metadata = TransformerBlockMetadata(return_hidden_states_index=0)
+            TransformerBlockRegistry.register(block_class, metadata)
+        super().enable_cache(config)
 
     def forward(
         self,

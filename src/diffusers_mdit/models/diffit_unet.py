@@ -109,8 +109,8 @@ class DiffiTUNet2DModel(
     The decoder's last level has no ResBlocks of the bottom resolution: as in table S.3 the
     bottom level is visited once, by the encoder.
 
-    Not a diffusers ``CacheMixin``, for the reason given in :class:`DiffiTTransformer2DModel`;
-    besides, a U-Net's blocks change resolution, so no block's output stands in for the rest.
+    Not a diffusers ``CacheMixin``: its caches take one block's output as a proxy for the rest
+    of a stack of same-shape blocks, and a U-Net's blocks change resolution.
 
     Parameters:
         sample_size (`int`, defaults to 32): Training image size (a default for pipelines).

@@ -16,12 +16,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from numbers import Integral, Real
 from typing import Any
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -242,7 +244,15 @@ class TransformerDiffusionPipeline(HubPipelineMixin, DiffusionPipeline, MDiTLora
             if guide:
                 model_input = torch.cat([model_input, model_input])
             timestep = t.expand(model_input.shape[0]).to(model_input.device)
-            output = model(model_input, timestep, **(model_kwargs if guide else conditional)).sample
+            # A cache (CacheMixin.enable_cache) keeps one state per batch layout: guidance can stop.
+            cache = (
+                model.cache_context("cond_uncond" if guide else "cond")
+                if isinstance(model, CacheMixin)
+                else nullcontext()
+            )
+            with cache:
+                output = model(model_input, timestep, **(model_kwargs if guide else conditional))
+            output = output.sample
             if guide:
                 uncond, cond = output.chunk(2)
                 scale = guidance_scale_at(
