@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import statistics
@@ -326,19 +327,29 @@ def quality(images: torch.Tensor, labels, protocol: Protocol) -> dict:
     }
 
 
+def run_path(arm: str, seed: int, output_dir: str) -> str:
+    return os.path.join(output_dir, arm_folder(arm), f"seed{seed}", "run.json")
+
+
+def saved_run(arm: str, seed: int, protocol: Protocol, output_dir: str) -> dict | None:
+    """The saved result of ``arm`` / ``seed`` if it ran with this very protocol."""
+    path = run_path(arm, seed, output_dir)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    same = saved.get("protocol") == json.loads(json.dumps(asdict(protocol)))
+    return saved["run"] if same else None
+
+
 def cached_run(arm: str, seed: int, protocol: Protocol, output_dir: str) -> dict:
     """:func:`train_run`, or its saved result when the same protocol already ran."""
-    import json
-
-    folder = os.path.join(output_dir, arm_folder(arm), f"seed{seed}")
-    path = os.path.join(folder, "run.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("protocol") == json.loads(json.dumps(asdict(protocol))):
-            return saved["run"]
+    saved = saved_run(arm, seed, protocol, output_dir)
+    if saved is not None:
+        return saved
     result = train_run(arm, seed, protocol)
-    os.makedirs(folder, exist_ok=True)
+    path = run_path(arm, seed, output_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"protocol": asdict(protocol), "run": result}, f, indent=2)
     print(
@@ -452,6 +463,8 @@ def summarise_finals(runs: dict[str, dict[int, dict]]) -> list[dict]:
 def plot(runs: dict[str, dict[int, dict]], path: str, title: str) -> None:
     """Held-out loss vs steps and vs training FLOPs (log-log), mean over seeds with a min/max
     band; top row MDiT vs the original DiT, bottom row MDiT vs its ablations."""
+    from matplotlib.ticker import NullFormatter
+
     from diffusers_mdit.explain.common import pyplot, save_figure
 
     plt = pyplot()
@@ -474,6 +487,7 @@ def plot(runs: dict[str, dict[int, dict]], path: str, title: str) -> None:
         row[1].set(xlabel="training FLOPs", ylabel="held-out x0-MSE (EMA)")
         for axis in row:
             axis.grid(True, which="both", alpha=0.3)
+            axis.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap
             axis.legend(fontsize=8)
     seeds = len(next(iter(runs.values())))
     figure.suptitle(f"{title}: mean over {seeds} seed(s), band = min..max")
@@ -497,6 +511,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/experiments/heldout_convergence")
     parser.add_argument("--results_dir", default="experiments/results")
     parser.add_argument("--quick", action="store_true", help="tiny runs for a smoke test")
+    parser.add_argument(
+        "--report", action="store_true",
+        help="train nothing: the results of the runs already finished (others may still run)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if MDIT_ARM not in args.arms:
         parser.error(f"--arms must include {MDIT_ARM!r}: every comparison is against it")
@@ -527,7 +545,11 @@ def main(argv=None) -> dict:
         parameters, flops = cost(ARMS[arm], num_classes)
         print(f"{arm:>30}: {parameters / 1e6:.3f}M parameters, {flops / 1e6:.1f} MFLOPs forward")
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
-    if args.workers > 1:
+    if args.report:
+        saved = [saved_run(a, s, protocol, args.output_dir) for a, s in jobs]
+        results = [r for r in saved if r is not None]
+        print(f"--report: {len(results)} of {len(jobs)} runs finished")
+    elif args.workers > 1:
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(cached_run, a, s, protocol, args.output_dir) for a, s in jobs]
             results = [f.result() for f in futures]
@@ -536,6 +558,7 @@ def main(argv=None) -> dict:
     runs: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
     for result in results:
         runs[result["arm"]][result["seed"]] = result
+    runs = {arm: seeds for arm, seeds in runs.items() if seeds}  # --report: arms with a run
 
     real = load_data(protocol)
     floor = quality(real["real"], real["real_labels"].numpy(), protocol)
