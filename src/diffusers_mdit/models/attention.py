@@ -37,6 +37,26 @@ from .rope import PartialAxialRoPE
 logger = logging.get_logger(__name__)
 
 
+def _stacked_weight(*linears: nn.Module) -> torch.Tensor | None:
+    """The weights of bias-free plain ``nn.Linear`` layers stacked into one, so their common
+    input is projected by one matmul (``fuse_projections`` without changing the modules), or
+    None when any layer is wrapped (PEFT LoRA, quantised, hooked: its own forward must run).
+
+    One 384 -> 1152 matmul instead of three 384 -> 384 ones has more columns to block over, and
+    its backward computes the input gradient in one matmul instead of three plus two sums.
+    """
+    for linear in linears:
+        if (
+            type(linear) is not nn.Linear
+            or linear.bias is not None
+            or linear._forward_hooks
+            or linear._forward_pre_hooks
+            or "forward" in vars(linear)  # diffusers' hooks (layerwise casting, offloading)
+        ):
+            return None
+    return torch.cat([linear.weight for linear in linears])
+
+
 def _head_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],))
 
@@ -146,6 +166,8 @@ class GridSelfAttention(nn.Module, AttentionModuleMixin):
         heads = (self.num_heads, self.head_dim)
         if self.fused_projections:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        elif (weight := _stacked_weight(self.to_q, self.to_k, self.to_v)) is not None:
+            q, k, v = F.linear(x, weight).chunk(3, dim=-1)
         else:
             q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         q, k, v = (t.unflatten(-1, heads) for t in (q, k, v))

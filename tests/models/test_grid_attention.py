@@ -1,0 +1,43 @@
+"""GridSelfAttention's projection: one stacked matmul for plain layers, each layer's own
+forward for wrapped or hooked ones."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusers_mdit.models.attention import GridSelfAttention
+
+
+def _separate(attn: GridSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """The projection computed layer by layer (independent of the stacked path)."""
+    heads = (attn.num_heads, attn.head_dim)
+    q, k, v = (layer(x).unflatten(-1, heads) for layer in (attn.to_q, attn.to_k, attn.to_v))
+    norm = torch.nn.functional.layer_norm
+    return torch.stack(
+        [attn.rope(norm(q, (attn.head_dim,))), attn.rope(norm(k, (attn.head_dim,))), v]
+    )
+
+
+def test_stacked_projection_matches_the_separate_layers_values_and_gradients():
+    torch.manual_seed(0)
+    attn = GridSelfAttention(32, 2, head_dim=16, kernel_size=3, rope_pairs=4)
+    x = torch.randn(2, 5, 6, 32)
+    stacked = torch.stack(attn.project(x))
+    torch.testing.assert_close(stacked, _separate(attn, x))
+    grad = torch.randn_like(stacked)
+    grads = []
+    for out in (stacked, _separate(attn, x)):
+        attn.zero_grad()
+        out.backward(grad)
+        grads.append([attn.to_q.weight.grad.clone(), attn.to_v.weight.grad.clone()])
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_a_hooked_projection_runs_its_own_forward():
+    torch.manual_seed(0)
+    attn = GridSelfAttention(32, 2, head_dim=16, kernel_size=3, rope_pairs=4)
+    x = torch.randn(1, 4, 4, 32)
+    plain_v = attn.project(x)[2]
+    attn.to_v.register_forward_hook(lambda module, args, out: 2 * out)
+    torch.testing.assert_close(attn.project(x)[2], 2 * plain_v)
