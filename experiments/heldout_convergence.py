@@ -35,8 +35,8 @@ conditional accuracy of 1,000 samples (100 per class; DDIM, 10 steps, no guidanc
 features of a small CNN trained on the glyph training split, and the same distance for 1,000
 real held-out glyphs (the floor).
 
-    python -m experiments.heldout_convergence                # 5 arms x 3 seeds, 500 steps
-    python -m experiments.heldout_convergence --workers 2    # two runs at a time
+    python -m experiments.heldout_convergence --workers 2    # 5 arms x 3 seeds, 400 steps
+    python -m experiments.heldout_convergence --report       # what has finished so far
     python -m experiments.heldout_convergence --quick        # CI smoke run (seconds)
     python -m experiments.heldout_convergence --data digits  # the fast path: digits at 16x16
 
@@ -106,7 +106,7 @@ ARMS = {
 }
 BASELINES = [arm for arm in ARMS if arm != MDIT_ARM]
 EVAL_TIMESTEPS = (50, 200, 400, 600, 800)
-EVAL_STEPS = (25, 50, 75, 100, 150, 200, 250, 300, 400, 500)
+EVAL_STEPS = (25, 50, 75, 100, 150, 200, 250, 300, 400)
 RESOLUTION = 16
 
 
@@ -115,7 +115,7 @@ class Protocol:
     """Everything a run depends on besides its arm and seed."""
 
     data: str = "glyphs"
-    steps: int = 500
+    steps: int = 400
     eval_steps: tuple[int, ...] = EVAL_STEPS
     eval_timesteps: tuple[int, ...] = EVAL_TIMESTEPS
     batch_size: int = 32
@@ -504,7 +504,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", choices=["glyphs", "digits"], default="glyphs")
     parser.add_argument("--steps", type=int, default=Protocol.steps)
     parser.add_argument(
-        "--speedup_at", type=int, nargs="+", default=[100, 200],
+        "--speedup_at", type=int, nargs="+", default=[50, 100, 200],
         help="MDiT steps S whose held-out loss the baselines must reach (evaluation steps)",
     )  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="runs trained at the same time")
