@@ -30,6 +30,7 @@ The code file and the card template live in the repository folders ``pipelines/`
 from __future__ import annotations
 
 import importlib.resources
+import inspect
 import json
 import os
 import shutil
@@ -346,6 +347,7 @@ class _HubPushMixin:
             The URL of the commit.
         """
         _refuse_pickle_save(safe_serialization)
+        inspect.signature(create_model_card).bind(self, **card)  # misspelt arguments fail first
         repo_id, write_card = _create_repo(repo_id, private, token, existing_model_card)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, variant=variant)

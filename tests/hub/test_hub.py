@@ -272,6 +272,12 @@ def test_push_never_overwrites_an_existing_readme_silently(pushed):
     assert "library_name: diffusers" in pushed["after_overwrite"]
 
 
+def test_push_refuses_a_misspelt_card_argument_before_creating_the_repository():
+    # No Hub here: reaching create_repo would fail with a connection or offline error instead.
+    with pytest.raises(TypeError, match="trainig_data"):
+        tiny_mdit().push_to_hub(repo("misspelt"), trainig_data="ImageNet")
+
+
 def test_mdit_card_lists_the_settings_that_change_the_architecture():
     default = create_model_card(tiny_mdit(num_classes=4)).text
     assert "| `class_conditioning` | cross_attention |" in default
