@@ -414,6 +414,32 @@ def speedups(runs: dict[str, dict[int, dict]], at_steps: list[int]) -> list[dict
     return rows
 
 
+def final_loss_speedups(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """The other reading of figure 6, per baseline and seed: the steps MDiT needs to reach the
+    baseline's held-out loss at its last step, and the baseline's steps (FLOPs) over MDiT's;
+    ``None`` where MDiT never gets there."""
+    rows = []
+    for baseline in [arm for arm in runs if arm != MDIT_ARM]:
+        for seed, mdit in runs[MDIT_ARM].items():
+            if seed not in runs[baseline]:
+                continue
+            other = runs[baseline][seed]
+            last = other["curve"][-1]
+            needed = steps_to_reach(mdit["curve"], last["heldout_loss"])
+            flop_ratio = other["train_flops_per_step"] / mdit["train_flops_per_step"]
+            rows.append(
+                {
+                    "baseline": baseline,
+                    "seed": seed,
+                    "baseline_final_loss": last["heldout_loss"],
+                    "mdit_steps": needed,
+                    "step_speedup": last["step"] / needed if needed else None,
+                    "flop_speedup": last["step"] * flop_ratio / needed if needed else None,
+                }
+            )
+    return rows
+
+
 def summarise_speedups(rows: list[dict]) -> list[dict]:
     """Mean, std, min and max over seeds of each (baseline, S); censored seeds counted."""
     summary = []
@@ -583,6 +609,7 @@ def main(argv=None) -> dict:
         "finals": summarise_finals(runs),
         "speedups": ratios,
         "speedup_summary": summarise_speedups(ratios),
+        "final_loss_speedups": final_loss_speedups(runs),
     }
     os.makedirs(args.results_dir, exist_ok=True)
     stem = os.path.join(args.results_dir, "heldout_convergence")
@@ -620,6 +647,13 @@ def main(argv=None) -> dict:
             if bounds:
                 cells.append(f"{len(bounds)} seed(s) not reached: {kind}s > {min(bounds):.2f}")
         print(f"speedup vs {s['baseline']} at MDiT step {s['mdit_step']}: " + "; ".join(cells))
+    for baseline in dict.fromkeys(r["baseline"] for r in result["final_loss_speedups"]):
+        cells = [
+            f"seed {r['seed']}: " + (f"{r['step_speedup']:.2f}x steps, {r['flop_speedup']:.2f}x "
+                                     "FLOPs" if r["mdit_steps"] else "never reached")
+            for r in result["final_loss_speedups"] if r["baseline"] == baseline
+        ]  # fmt: skip
+        print(f"MDiT to {baseline}'s final held-out loss: " + "; ".join(cells))
     return result
 
 

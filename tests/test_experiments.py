@@ -303,6 +303,12 @@ def test_heldout_speedups_pair_seeds_and_bound_what_is_not_reached():
     assert by[100, 0]["step_speedup"] == 4.0
     # Seed 1 never gets there: a lower bound of its last step over S, no speedup.
     assert by[100, 1]["step_speedup"] is None and by[100, 1]["step_speedup_lower_bound"] == 4.0
+    # The other reading: MDiT reaches seed 0's final 0.3 at its step 100 (400 / 100 = 4x) and
+    # seed 1's final 0.6 already at its first evaluation (step 50: 400 / 50 = 8x).
+    final0, final1 = experiment.final_loss_speedups(runs)
+    assert final0["mdit_steps"] == 100 and final0["step_speedup"] == pytest.approx(4.0)
+    assert final0["flop_speedup"] == pytest.approx(400 * 1.0 / (100 * 2.0))
+    assert final1["mdit_steps"] == 50 and final1["step_speedup"] == pytest.approx(8.0)
     summary = {s["mdit_step"]: s for s in experiment.summarise_speedups(rows)}
     assert summary[100]["step_mean"] == 4.0 and summary[100]["step_not_reached_lower_bounds"] == [
         4.0
