@@ -57,7 +57,7 @@ e.g. 16 x 16 with k=7) skip the tiling: one attention over all tokens with an ad
 ``(H*W, H*W)`` window mask is faster there. Windows covering the grid need no mask at all.
 
 On CPU the tiles run through ATen's fused flash-attention kernels directly, in a custom autograd
-function, chunk by chunk (~2 MiB of gathered keys per chunk: whole images, or tile rows of one):
+function, chunk by chunk (~6 MiB of gathered keys per chunk: whole images, or tile rows of one):
 only ``q, k, v``, the output and the log-sum-exp are kept for backward, which re-gathers the
 tiles. Besides saving memory (no saved halo copies), small chunks reuse freed allocator memory
 instead of page-faulting fresh buffers; in profiles that was the largest cost of the plain
@@ -90,10 +90,14 @@ BACKENDS = ("natten", "flex", "torch", "reference")
 ENV_VAR = "DIFFUSERS_MDIT_NA_BACKEND"
 _NATTEN_INSTALL = "pip install --no-build-isolation natten"
 
-# Gathered key-halo bytes per chunk on the fused CPU path. 0.25-4 MiB measured alike; 16 MiB and
-# more were 1.2-2.5x slower, as buffers near or above glibc's 32 MiB mmap threshold are handed
-# back to the OS when freed and page-faulted afresh on every use.
-_CHUNK_BYTES = 2 << 20
+# Gathered key-halo bytes per chunk on the fused CPU path: one whole 32x32 image at 6 heads x 64
+# (MDiT-B's outer level). Fewer, larger chunks mean fewer kernel calls, each a synchronisation of
+# the threads: measured side by side in MDiT-B's outer attention (2 threads, other jobs loading
+# the machine), 6 MiB took 0.49-0.64x the time of 2 MiB (forward+backward at batch 8, forward at
+# batch 2); 12 MiB took 0.92x of 6 MiB at batch 8 but 1.29x at batch 2. 16 MiB and more were
+# 1.2-2.5x slower in earlier measurements, as buffers near or above glibc's 32 MiB mmap
+# threshold are handed back to the OS when freed and page-faulted afresh on every use.
+_CHUNK_BYTES = 6 << 20
 
 
 # ----------------------------------------------------------------------------------------------
