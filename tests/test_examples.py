@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from diffusers_mdit import MDiTPipeline
 from diffusers_mdit.testing import ddim_x0, tiny_mdit
 
@@ -21,6 +23,7 @@ def load_example(name: str):
     return module
 
 
+@pytest.mark.slow  # trains and fine-tunes in every mode
 def test_finetune_digits_runs_every_mode_and_writes_results(tmp_path):
     base = tmp_path / "base"
     model = tiny_mdit(in_channels=3, num_classes=10, sample_size=16)

@@ -166,6 +166,7 @@ def test_local_attention_arms_differ_from_global_only_in_their_windows():
     assert local_attention.training_size("10") == 10
 
 
+@pytest.mark.slow  # each quick run trains several small models
 @pytest.mark.parametrize(
     "name",
     [

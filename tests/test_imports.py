@@ -10,6 +10,8 @@ import subprocess
 import sys
 from graphlib import CycleError, TopologicalSorter
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "src")
 PACKAGE = "diffusers_mdit"
@@ -74,6 +76,7 @@ def test_the_data_package_depends_on_nothing_above_it():
             assert not leaks, (module, leaks)
 
 
+@pytest.mark.slow  # one fresh interpreter per module
 def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter():
     order = list(TopologicalSorter(import_graph(top_level_only=True)).static_order())
     order = [name for name in order if not name.endswith("__main__")]  # runs the demo
