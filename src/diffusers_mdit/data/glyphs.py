@@ -13,11 +13,14 @@ without classes for conditional sampling, accuracy, or a classifier's feature sp
 have all three.
 
 Every image is a glyph drawn on a 4x canvas, moved by a random affine map (rotation, scale,
-shear, translation), and area-downsampled to the output size, so edges are anti-aliased as
-by a real rasteriser. The affine map is drawn from a seed per image: the training and
-held-out parts are disjoint draws (different seeds) of the same fonts and characters, so
-held-out images are renderings never trained on. :func:`render_glyphs` is deterministic and
-cached in memory (about 2 s for the default 5,760 images on one core).
+shear, translation), and area-downsampled to the output size, so edges are anti-aliased as by a
+real rasteriser. The affine maps are drawn from a seed per split, font and character: the
+training and held-out parts are disjoint draws (different seeds) of the same fonts and
+characters, so held-out images are renderings never trained on. The experiments train at 16x16
+on a CPU (``experiments/heldout_convergence.py``): there the fraction of image energy below a
+2x2 patch average is 0.29, against 0.030 for the upsampled digits. :func:`render_glyphs` is
+deterministic and cached in memory (about 2 s for the 5,120 images of the default training
+split at 32x32, on one core of this project's loaded 2-core VM).
 """
 
 from __future__ import annotations
