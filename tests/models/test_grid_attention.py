@@ -21,7 +21,7 @@ def _separate(attn: GridSelfAttention, x: torch.Tensor) -> torch.Tensor:
 def test_stacked_projection_matches_the_separate_layers_values_and_gradients():
     torch.manual_seed(0)
     attn = GridSelfAttention(32, 2, head_dim=16, kernel_size=3, rope_pairs=4)
-    x = torch.randn(2, 5, 6, 32)
+    x = torch.randn(2, 8, 6, 32)  # >= 2 x 32 tokens: stacked
     stacked = torch.stack(attn.project(x))
     torch.testing.assert_close(stacked, _separate(attn, x))
     grad = torch.randn_like(stacked)
@@ -37,7 +37,7 @@ def test_stacked_projection_matches_the_separate_layers_values_and_gradients():
 def test_a_hooked_projection_runs_its_own_forward():
     torch.manual_seed(0)
     attn = GridSelfAttention(32, 2, head_dim=16, kernel_size=3, rope_pairs=4)
-    x = torch.randn(1, 4, 4, 32)
+    x = torch.randn(1, 8, 8, 32)
     plain_v = attn.project(x)[2]
     attn.to_v.register_forward_hook(lambda module, args, out: 2 * out)
     torch.testing.assert_close(attn.project(x)[2], 2 * plain_v)
