@@ -31,7 +31,7 @@ ANALYSES = {
 
 
 def available_analyses() -> dict[str, str]:
-    """The analyses whose modules exist (they land one by one; see the README)."""
+    """The analyses whose modules exist (they land one by one; see docs/explain.md)."""
     return {
         name: module
         for name, module in ANALYSES.items()
