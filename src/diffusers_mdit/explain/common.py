@@ -114,8 +114,7 @@ def add_sampling_arguments(parser, num_images: int) -> None:
 def has_block_levels(model: nn.Module) -> bool:
     """Whether ``model``'s family lists its blocks by level (MDiT; see
     :class:`~diffusers_mdit.families.ModelFamily`)."""
-    family = FAMILIES.get(type(model).__name__)
-    return family is not None and family.block_levels
+    return any(f.block_levels and isinstance(model, f.model_class) for f in FAMILIES.values())
 
 
 def require_block_levels(model: nn.Module, analysis: str) -> None:
