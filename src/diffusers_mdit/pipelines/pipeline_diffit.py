@@ -11,7 +11,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 from .base import TransformerDiffusionPipeline, sampling_arguments
-from .pipeline_mdit import batch_labels
+from .pipeline_mdit import batch_labels, label_branches
 
 
 class DiffiTPipeline(TransformerDiffusionPipeline):
@@ -80,14 +80,7 @@ class DiffiTPipeline(TransformerDiffusionPipeline):
         labels, batch = batch_labels(
             class_labels, batch_size, num_images_per_prompt, config.num_classes, device
         )
-        conditional = {} if labels is None else {"class_labels": labels}
-        unconditional = None
-        if guidance_scale != 1.0:
-            if labels is None:
-                raise ValueError(
-                    "guidance_scale != 1 needs a class-conditional model; use guidance_scale=1."
-                )
-            unconditional = {"class_labels": torch.full_like(labels, config.num_classes)}
+        conditional, unconditional = label_branches(labels, config.num_classes, guidance_scale)
 
         # 3. Initial latents, then 4. denoise and decode
         latents = self.prepare_latents(batch, height, width, generator, latents)

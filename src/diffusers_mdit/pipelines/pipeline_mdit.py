@@ -66,6 +66,21 @@ def batch_labels(
     return labels, labels.numel()
 
 
+def label_branches(
+    labels: torch.Tensor | None, num_classes: int, guidance_scale: float
+) -> tuple[dict, dict | None]:
+    """The model inputs of the conditional branch and, under guidance, of the unconditional
+    one (every label replaced by the null label ``num_classes``) for a class-label pipeline."""
+    conditional = {} if labels is None else {"class_labels": labels}
+    if guidance_scale == 1.0:
+        return conditional, None
+    if labels is None:
+        raise ValueError(
+            "guidance_scale != 1 needs a class-conditional model; use guidance_scale=1."
+        )
+    return conditional, {"class_labels": torch.full_like(labels, num_classes)}
+
+
 class CoreResampling:
     """HiDiffusion's resolution-aware schedule as the MDiT paper adapts it (appendix J.2): while
     :attr:`factor` is above 1, the core runs at ``1 / factor`` of its usual resolution, with
