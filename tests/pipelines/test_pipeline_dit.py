@@ -84,3 +84,16 @@ def test_bad_inputs_are_refused():
         pipe(class_labels=[1], height=9, width=9, num_inference_steps=1)
     with pytest.raises(ValueError, match=r"\[0, 10\]"):
         pipe(class_labels=[11], num_inference_steps=1)
+
+
+@pytest.mark.parametrize("family", ["dit", "diffit"])
+def test_guidance_on_an_unconditional_model_is_refused(family):
+    from diffusers_mdit import DiffiTPipeline
+    from diffusers_mdit.testing import tiny_diffit
+
+    if family == "dit":
+        pipe = DiTBaselinePipeline(transformer=tiny_dit(num_classes=0), scheduler=ddim_x0())
+    else:
+        pipe = DiffiTPipeline(transformer=tiny_diffit(in_channels=3), scheduler=ddim_x0())
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        pipe(height=8, width=8, num_inference_steps=1, guidance_scale=4.0, output_type="pt")
