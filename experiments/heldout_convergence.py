@@ -107,7 +107,7 @@ ARMS = {
 BASELINES = [arm for arm in ARMS if arm != MDIT_ARM]
 EVAL_TIMESTEPS = (50, 200, 400, 600, 800)
 EVAL_STEPS = (25, 50, 75, 100, 150, 200, 250, 300, 400)
-RESOLUTION = 16
+RESOLUTION = 16  # the default; --resolution 32 reruns the protocol at 32x32
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,7 @@ class Protocol:
     """Everything a run depends on besides its arm and seed."""
 
     data: str = "glyphs"
+    resolution: int = RESOLUTION
     steps: int = 400
     eval_steps: tuple[int, ...] = EVAL_STEPS
     eval_timesteps: tuple[int, ...] = EVAL_TIMESTEPS
@@ -139,9 +140,9 @@ def load_data(protocol: Protocol) -> dict:
     if protocol.data == "glyphs":
         from diffusers_mdit.data.glyphs import GLYPH_CHARACTERS, render_glyphs
 
-        train, labels = render_glyphs("train", protocol.train_per_font, RESOLUTION)
+        train, labels = render_glyphs("train", protocol.train_per_font, protocol.resolution)
         # Ordered font, character, rendering: rendering 0 of each (font, character) first.
-        real, real_labels = render_glyphs("held_out", 8, RESOLUTION)
+        real, real_labels = render_glyphs("held_out", 8, protocol.resolution)
         first = torch.arange(len(real)) % 8 == 0
         heldout, heldout_labels = real[first], real_labels[first]
         num_classes = len(GLYPH_CHARACTERS)
@@ -149,8 +150,8 @@ def load_data(protocol: Protocol) -> dict:
         from diffusers_mdit.data import DigitsDataset, digits_split
 
         train_ids, held_ids = digits_split(0.2)
-        train_set = DigitsDataset(RESOLUTION, 1, train_ids)
-        held_set = DigitsDataset(RESOLUTION, 1, held_ids)
+        train_set = DigitsDataset(protocol.resolution, 1, train_ids)
+        held_set = DigitsDataset(protocol.resolution, 1, held_ids)
         train, labels = train_set.images, train_set.labels
         real, real_labels = held_set.images, held_set.labels
         heldout, heldout_labels = real, real_labels
@@ -173,7 +174,7 @@ def reference_classifier(protocol: Protocol):
         return ReferenceClassifier.from_digits(seed=0)
     data = load_data(protocol)
     return ReferenceClassifier.fit(
-        data["train"], data["labels"].numpy(), channels=1, resolution=RESOLUTION, seed=0,
+        data["train"], data["labels"].numpy(), channels=1, resolution=protocol.resolution, seed=0,
         epochs=protocol.classifier_epochs,
     )  # fmt: skip
 
@@ -181,33 +182,37 @@ def reference_classifier(protocol: Protocol):
 # -- models and their cost ----------------------------------------------------------------------
 
 
-def full_config(config: dict, num_classes: int) -> dict:
+def full_config(config: dict, num_classes: int, resolution: int = RESOLUTION) -> dict:
     return dict(
-        config, sample_size=RESOLUTION, in_channels=1, out_channels=1, num_classes=num_classes
+        config, sample_size=resolution, in_channels=1, out_channels=1, num_classes=num_classes
     )
 
 
-def build(config: dict, num_classes: int, seed: int):
+def build(config: dict, num_classes: int, seed: int, resolution: int = RESOLUTION):
     from diffusers_mdit.families import FAMILIES
 
     name = config.get("_class_name", "MDiTTransformer2DModel")
-    settings = {k: v for k, v in full_config(config, num_classes).items() if k[0] != "_"}
+    settings = {
+        k: v for k, v in full_config(config, num_classes, resolution).items() if k[0] != "_"
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return FAMILIES[name].model_class(**settings)
 
 
-def cost(config: dict, num_classes: int = 10) -> tuple[int, float]:
+def cost(config: dict, num_classes: int = 10, resolution: int = RESOLUTION) -> tuple[int, float]:
     """Parameters and forward FLOPs per image (counted on the meta device)."""
     from diffusers_mdit.profiling import config_cost
 
-    counted = config_cost(full_config(config, num_classes), RESOLUTION, RESOLUTION)
+    counted = config_cost(full_config(config, num_classes, resolution), resolution, resolution)
     return counted.parameters, counted.flops
 
 
-def training_flops_per_step(config: dict, batch_size: int, num_classes: int = 10) -> float:
+def training_flops_per_step(
+    config: dict, batch_size: int, num_classes: int = 10, resolution: int = RESOLUTION
+) -> float:
     """Forward + backward FLOPs of one step: 3x the forward (backward = 2x forward)."""
-    return 3.0 * cost(config, num_classes)[1] * batch_size
+    return 3.0 * cost(config, num_classes, resolution)[1] * batch_size
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def train_run(arm: str, seed: int, protocol: Protocol) -> dict:
     data = load_data(protocol)
     num_classes = data["num_classes"]
     config = ARMS[arm]
-    model = build(config, num_classes, seed)
+    model = build(config, num_classes, seed, protocol.resolution)
     evaluated = copy.deepcopy(model).eval().requires_grad_(False)
     objective = make_objective("x0", snr_gamma=5.0)
     optimizer = torch.optim.AdamW(
@@ -248,7 +253,7 @@ def train_run(arm: str, seed: int, protocol: Protocol) -> dict:
         model.parameters(), decay=protocol.ema_max_decay, use_ema_warmup=True, power=2 / 3
     )
     generator = torch.Generator().manual_seed(seed)
-    flops = training_flops_per_step(config, protocol.batch_size, num_classes)
+    flops = training_flops_per_step(config, protocol.batch_size, num_classes, protocol.resolution)
     order = torch.empty(0, dtype=torch.long)
     curve, running, seconds = [], [], 0.0
     for step in range(1, protocol.steps + 1):
@@ -301,7 +306,7 @@ def train_run(arm: str, seed: int, protocol: Protocol) -> dict:
             ).images * 2 - 1
         )  # fmt: skip
     final = quality(torch.cat(images), class_labels, protocol)
-    parameters, forward_flops = cost(config, num_classes)
+    parameters, forward_flops = cost(config, num_classes, protocol.resolution)
     return {
         "arm": arm,
         "seed": seed,
@@ -338,7 +343,9 @@ def saved_run(arm: str, seed: int, protocol: Protocol, output_dir: str) -> dict 
         return None
     with open(path) as f:
         saved = json.load(f)
-    same = saved.get("protocol") == json.loads(json.dumps(asdict(protocol)))
+    saved_protocol = dict(saved.get("protocol") or {})
+    saved_protocol.setdefault("resolution", RESOLUTION)  # runs saved before --resolution existed
+    same = saved_protocol == json.loads(json.dumps(asdict(protocol)))
     return saved["run"] if same else None
 
 
@@ -523,6 +530,11 @@ def plot(runs: dict[str, dict[int, dict]], path: str, title: str) -> None:
 # -- command line -------------------------------------------------------------------------------
 
 
+def suffix(resolution: int) -> str:
+    """File-name suffix of a resolution: none for the default 16x16, else e.g. ``_32x32``."""
+    return "" if resolution == RESOLUTION else f"_{resolution}x{resolution}"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -530,11 +542,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", choices=["glyphs", "digits"], default="glyphs")
     parser.add_argument("--steps", type=int, default=Protocol.steps)
     parser.add_argument(
+        "--resolution", type=int, default=RESOLUTION,
+        help="image side; a multiple of 4 (MDiT's core patch 2 times the aggregate merge 2)",
+    )  # fmt: skip
+    parser.add_argument(
         "--speedup_at", type=int, nargs="+", default=[50, 100, 200],
         help="MDiT steps S whose held-out loss the baselines must reach (evaluation steps)",
     )  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="runs trained at the same time")
-    parser.add_argument("--output_dir", default="outputs/experiments/heldout_convergence")
+    parser.add_argument(
+        "--output_dir", default=None,
+        help="finished runs (default outputs/experiments/heldout_convergence, with a _32x32 "
+        "suffix at other resolutions)",
+    )  # fmt: skip
     parser.add_argument("--results_dir", default="experiments/results")
     parser.add_argument("--quick", action="store_true", help="tiny runs for a smoke test")
     parser.add_argument(
@@ -542,6 +562,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train nothing: the results of the runs already finished (others may still run)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.resolution < 8 or args.resolution % 4:
+        parser.error(f"--resolution must be a multiple of 4 and >= 8, got {args.resolution}")
+    if args.output_dir is None:
+        args.output_dir = "outputs/experiments/heldout_convergence" + suffix(args.resolution)
     if MDIT_ARM not in args.arms:
         parser.error(f"--arms must include {MDIT_ARM!r}: every comparison is against it")
     return args
@@ -551,7 +575,8 @@ def make_protocol(args: argparse.Namespace) -> Protocol:
     if args.quick:
         args.seeds, args.speedup_at = args.seeds[:1], [2]
         return Protocol(
-            data=args.data, steps=4, eval_steps=(2, 4), eval_timesteps=(200, 600),
+            data=args.data, resolution=args.resolution, steps=4, eval_steps=(2, 4),
+            eval_timesteps=(200, 600),
             train_per_font=1, heldout_images=20, samples_per_class=2, num_inference_steps=2,
             classifier_epochs=1,
         )  # fmt: skip
@@ -559,7 +584,9 @@ def make_protocol(args: argparse.Namespace) -> Protocol:
     missing = set(args.speedup_at) - set(eval_steps)
     if missing:
         raise SystemExit(f"--speedup_at {sorted(missing)}: not evaluation steps {eval_steps}")
-    return Protocol(data=args.data, steps=args.steps, eval_steps=eval_steps)
+    return Protocol(
+        data=args.data, resolution=args.resolution, steps=args.steps, eval_steps=eval_steps
+    )
 
 
 def main(argv=None) -> dict:
@@ -568,7 +595,7 @@ def main(argv=None) -> dict:
     print(f"protocol: {asdict(protocol)}")
     num_classes = load_data(protocol)["num_classes"]
     for arm in args.arms:
-        parameters, flops = cost(ARMS[arm], num_classes)
+        parameters, flops = cost(ARMS[arm], num_classes, protocol.resolution)
         print(f"{arm:>30}: {parameters / 1e6:.3f}M parameters, {flops / 1e6:.1f} MFLOPs forward")
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     if args.report:
@@ -612,10 +639,11 @@ def main(argv=None) -> dict:
         "final_loss_speedups": final_loss_speedups(runs),
     }
     os.makedirs(args.results_dir, exist_ok=True)
-    stem = os.path.join(args.results_dir, "heldout_convergence")
+    stem = os.path.join(args.results_dir, "heldout_convergence" + suffix(protocol.resolution))
     write_rows(result["rows"], f"{stem}.csv")
     write_rows(result, f"{stem}.json")
-    plot(runs, f"{stem}.png", f"{protocol.data} {RESOLUTION}x{RESOLUTION}, held-out denoising")
+    size = f"{protocol.resolution}x{protocol.resolution}"
+    plot(runs, f"{stem}.png", f"{protocol.data} {size}, held-out denoising")
 
     print(
         f"\nreference CNN held-out accuracy {result['classifier_heldout_accuracy']:.3f}; real "

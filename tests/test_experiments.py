@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -376,3 +377,32 @@ def test_heldout_loss_of_an_x0_model_returning_its_input_is_the_noise_mse():
         noisy = alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
         assert losses[t] == pytest.approx((noisy - images).pow(2).mean().item(), rel=1e-5)
     assert losses[700] > losses[100]  # more noise, larger error
+
+
+def test_heldout_resolution_is_part_of_the_protocol_and_of_the_file_names(tmp_path):
+    from dataclasses import asdict
+
+    experiment = load_experiment("heldout_convergence")
+    default = experiment.parse_args([])
+    assert default.output_dir == "outputs/experiments/heldout_convergence"
+    assert experiment.make_protocol(default).resolution == 16
+    args = experiment.parse_args(["--resolution", "32"])
+    assert args.output_dir == "outputs/experiments/heldout_convergence_32x32"
+    protocol = experiment.make_protocol(args)
+    assert protocol.resolution == 32 and experiment.suffix(32) == "_32x32"
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--resolution", "30"])  # not a multiple of 4
+    # The arms' FLOPs follow the resolution (4x the pixels, more than 4x the outer attention).
+    arm = experiment.ARMS[experiment.MDIT_ARM]
+    assert experiment.cost(arm, 10, 32)[1] > 4 * experiment.cost(arm, 10, 16)[1]
+    # A run saved before the resolution was recorded is a 16x16 run: reused at 16, not at 32.
+    old = {k: v for k, v in asdict(experiment.make_protocol(default)).items() if k != "resolution"}
+    path = experiment.run_path(experiment.MDIT_ARM, 0, str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        json.dump({"protocol": old, "run": {"arm": "saved"}}, f)
+    saved = experiment.saved_run(
+        experiment.MDIT_ARM, 0, experiment.make_protocol(default), str(tmp_path)
+    )
+    assert saved == {"arm": "saved"}
+    assert experiment.saved_run(experiment.MDIT_ARM, 0, protocol, str(tmp_path)) is None
