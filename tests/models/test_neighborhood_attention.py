@@ -97,7 +97,7 @@ def window_probe(height, width, kernel, backend):
     return out.reshape(tokens, tokens) > 0
 
 
-@pytest.mark.parametrize("path", ["reference", "dense", "tiled", "tiled_autograd"])
+@pytest.mark.parametrize("path", ["reference", "dense", "tiled", "tiled_autograd", "rows"])
 @pytest.mark.parametrize(
     "height, width, kernel", [(5, 1, 3), (6, 5, 4), (9, 7, (3, 5)), (11, 10, 7), (4, 3, 9)]
 )
@@ -115,9 +115,11 @@ def force_path(path: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Backend name for ``path``, patching the module so that the torch backend takes it."""
     if path == "reference":
         return "reference"
-    if path in ("tiled", "tiled_small_chunks", "tiled_autograd"):
+    if path in ("tiled", "tiled_small_chunks", "tiled_autograd", "rows"):
         monkeypatch.setattr(na, "_DENSE_MAX_TOKENS", 0)
         monkeypatch.setattr(na, "_DENSE_MAX_MASK", 0)
+    # "rows": whole-row halos wherever the fused path runs; the tiled paths: never.
+    monkeypatch.setattr(na, "_ROW_SCORE_RATIO", float("inf") if path == "rows" else 0.0)
     if path == "tiled_small_chunks":
         monkeypatch.setattr(na, "_CHUNK_BYTES", 1)  # one tile row of one image per chunk
     if path == "tiled_autograd":
@@ -138,7 +140,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["dense", "tiled", "tiled_small_chunks", "tiled_autograd"])
+@pytest.mark.parametrize("path", ["dense", "tiled", "tiled_small_chunks", "tiled_autograd", "rows"])
 @pytest.mark.parametrize("b, h, w, heads, d, kernel", SHAPES)
 def test_torch_matches_reference(path, b, h, w, heads, d, kernel, monkeypatch):
     backend = force_path(path, monkeypatch)
@@ -150,8 +152,9 @@ def test_torch_matches_reference(path, b, h, w, heads, d, kernel, monkeypatch):
         out = neighborhood_attention(q, k, v, kernel, backend=name)
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
         if name == "torch" and na.normalize_kernel_size(kernel, h, w) != (h, w):
-            fused = "Fused" in type(out.grad_fn).__name__
-            assert fused == (path in ("tiled", "tiled_small_chunks")), out.grad_fn
+            kind = type(out.grad_fn).__name__
+            expected = {"tiled": "Tiled", "tiled_small_chunks": "Tiled", "rows": "Row"}
+            assert (f"Fused{expected[path]}" in kind) if path in expected else "Fused" not in kind
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -172,13 +175,67 @@ def test_batch_split_into_several_chunks(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["tiled", "tiled_small_chunks"])
+@pytest.mark.parametrize("path", ["tiled", "tiled_small_chunks", "rows"])
 def test_fused_tiled_gradcheck(path, monkeypatch):
     force_path(path, monkeypatch)
     q, k, v = (t.requires_grad_() for t in qkv(1, 6, 5, 1, 3, dtype=torch.float64))
     assert torch.autograd.gradcheck(
         lambda q, k, v: neighborhood_attention(q, k, v, 3, backend="torch"), (q, k, v)
     )
+
+
+def test_row_halos_on_views_with_storage_offsets(monkeypatch):
+    # q, k, v as slices of one stacked buffer (contiguous, non-zero storage offsets), as the
+    # row path addresses memory through as_strided.
+    force_path("rows", monkeypatch)
+    stacked = randn(3, 2, 11, 9, 2, 8).requires_grad_()
+    grad = randn(2, 11, 9, 2, 8, seed=5)
+    results = []
+    for name in ("torch", "reference"):
+        out = neighborhood_attention(*stacked.unbind(0), 5, backend=name)
+        assert name == "reference" or type(out.grad_fn).__name__ == "_FusedRowAttentionBackward"
+        results.append((out, *torch.autograd.grad(out, stacked, grad)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_row_halos_read_strided_layouts_and_copy_others(monkeypatch):
+    # Read in place: q/k/v chunks of one fused projection (token stride 3 x channels) and a
+    # heads-first tensor permuted to heads-last. Copied first: rows and columns swapped (a run
+    # of grid rows is not one evenly strided run of tokens).
+    force_path("rows", monkeypatch)
+    fused = randn(2, 9, 10, 3 * 2 * 8).requires_grad_()
+    heads_first = randn(2, 2, 9, 10, 8, seed=3).requires_grad_()
+    swapped = randn(2, 10, 9, 2, 8, seed=4).requires_grad_()
+    grad = randn(2, 9, 10, 2, 8, seed=5)
+
+    def inputs():
+        q, k, v = (t.unflatten(-1, (2, 8)) for t in fused.chunk(3, dim=-1))
+        return q, k + heads_first.permute(0, 2, 3, 1, 4), v + swapped.transpose(1, 2)
+
+    q = fused.chunk(3, dim=-1)[0].unflatten(-1, (2, 8))
+    permuted = heads_first.permute(0, 2, 3, 1, 4)
+    assert not q.is_contiguous() and na._row_addressable(q) is q
+    assert not permuted.is_contiguous() and na._row_addressable(permuted) is permuted
+    transposed = swapped.transpose(1, 2)
+    assert na._row_addressable(transposed) is not transposed
+    leaves = (fused, heads_first, swapped)
+    results = []
+    for name in ("torch", "reference"):
+        out = neighborhood_attention(*inputs(), 5, backend=name)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_row_halos_chosen_for_narrow_grids_only():
+    # MDiT-B's outer level (32x32, k=7) takes row halos; a 64x64 grid (448 keys per query
+    # against the tiles' 196) keeps the tiles.
+    outs = {}
+    for size in (32, 64):
+        q, k, v = (t.requires_grad_() for t in qkv(1, size, size, 1, 8))
+        outs[size] = type(neighborhood_attention(q, k, v, 7, backend="torch").grad_fn).__name__
+    assert outs == {32: "_FusedRowAttentionBackward", 64: "_FusedTiledAttentionBackward"}
 
 
 # ---- reference vs brute force, global attention, scale ---------------------------------------

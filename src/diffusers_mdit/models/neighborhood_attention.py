@@ -52,6 +52,12 @@ Grid sizes not divisible by the tile are padded with duplicated (clamped) query 
 outputs are dropped and whose gradients are zeroed. Tile sizes (per axis: 4 for k <= 5, else 8)
 were picked from measurements on a 2-core CPU.
 
+Narrow grids skip the tiles on CPU: a query row's window rows are ``kh`` whole grid rows,
+which are contiguous in memory, so each query row attends to its ``kh * W`` halo keys through a
+strided view, masked to its column windows (:class:`_FusedRowAttention`): no gathers and no
+scatter-adds, for ``kh * W`` scores per query (224 on a 32x32 grid with k=7, against the 8x8
+tiles' 196). It is taken where that is at most ``_ROW_SCORE_RATIO`` times the tiles' scores.
+
 Small grids (<= 256 tokens, or where the tiles would compute at least half of all token pairs,
 e.g. 16 x 16 with k=7) skip the tiling: one attention over all tokens with an additive
 ``(H*W, H*W)`` window mask is faster there. Windows covering the grid need no mask at all.
@@ -488,6 +494,9 @@ def _torch(
         return out.transpose(1, 2).reshape(batch, height, width, heads, dim)
 
     if query.device.type == "cpu" and _HAS_CPU_FLASH:
+        if kh * width * tokens <= _ROW_SCORE_RATIO * tiled_scores:
+            groups = _row_groups(height, width, kh, kw, query.dtype, query.device)
+            return _FusedRowAttention.apply(query, key, value, groups, scale)
         return _FusedTiledAttention.apply(query, key, value, plan, scale)
     return _tiled_autograd(query, key, value, plan, scale)
 
@@ -700,4 +709,139 @@ class _FusedTiledAttention(torch.autograd.Function):
             _rows(grad_v, b0, c).index_add_(
                 0, c.key_index, d_v.transpose(1, 2).reshape(-1, channels)
             )
+        return grad_q, grad_k, grad_v, None, None
+
+
+# ---- row halos: the fused CPU path without gathers ------------------------------------------
+
+# Row halos instead of tiles while they compute at most this many times the tiles' scores (a
+# 32x32 grid with k=7: 224 keys per query against 196). Measured side by side: see
+# _FusedRowAttention.
+_ROW_SCORE_RATIO = 1.25
+
+
+@dataclass(frozen=True, eq=False)
+class _RowGroup:
+    """Query rows ``first_row + g * rows ... + rows - 1`` attend to key rows ``halo_start + g
+    ... + kh - 1`` for ``g < halos``: every query row's window rows are its halo's rows."""
+
+    first_row: int
+    rows: int  # query rows per halo
+    halo_start: int
+    halos: int
+    mask: torch.Tensor  # (1, 1, rows * W, kh * W) additive: the column windows
+
+
+@functools.lru_cache(maxsize=32)
+def _row_groups(
+    height: int, width: int, kh: int, kw: int, dtype: torch.dtype, device: torch.device
+) -> tuple[_RowGroup, ...]:
+    """Query rows grouped by window start row: the rows sharing the first start (top border),
+    the interior rows (one each, starts one apart), the rows sharing the last (bottom)."""
+    starts = _window_starts(height, kh, torch.device("cpu")).tolist()
+    top = starts.count(0)
+    last = height - kh
+    bottom = starts.count(last) if last > 0 else 0
+    spans = [(0, top, 0, 1)]
+    if height - top - bottom > 0:
+        spans.append((top, 1, 1, height - top - bottom))
+    if bottom:
+        spans.append((height - bottom, bottom, last, 1))
+    start = _window_starts(width, kw, device)[:, None]
+    col = torch.arange(width, device=device)[None, :]
+    columns = (col >= start) & (col < start + kw)  # (W, W): key column in query column's window
+    return tuple(
+        _RowGroup(r0, rows, s0, n, _additive_mask(columns.repeat(rows, kh), dtype)[None, None])
+        for r0, rows, s0, n in spans
+    )
+
+
+def _halo_view(t: torch.Tensor, b: int, row0: int, halos: int, rows: int) -> torch.Tensor:
+    """``halos`` windows of ``rows`` whole grid rows of image ``b`` of a ``(B, H, W, heads, D)``
+    tensor (see :func:`_row_addressable`), one row apart, as SDPA's ``(halos, heads, rows * W,
+    D)``: a strided view, so no gather."""
+    _, _, width, heads, dim = t.shape
+    stride = t.stride()
+    offset = t.storage_offset() + b * stride[0] + row0 * stride[1]
+    return t.as_strided(
+        (halos, heads, rows * width, dim), (stride[1], stride[3], stride[2], 1), offset
+    )
+
+
+def _row_addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when a run of whole grid rows is one evenly strided run of tokens (the
+    channels-last layout, and slices of it such as q/k/v chunks of a fused projection), else a
+    contiguous copy."""
+    stride = t.stride()
+    if stride[-1] == 1 and stride[1] == t.shape[2] * stride[2]:
+        return t
+    return t.contiguous()
+
+
+class _FusedRowAttention(torch.autograd.Function):
+    """Neighborhood attention through ATen's CPU flash kernels with whole-row halos.
+
+    A query row's window rows are ``kh`` consecutive grid rows, and those rows are contiguous in
+    the ``(B, H, W, heads, D)`` layout, so each query row attends to its ``kh * W`` halo keys
+    through a strided view, masked to its column windows: no gathers of queries, keys or values
+    (the tiles' largest cost besides the kernel), no scatter-add of key gradients (overlapping
+    halos are summed by ``kh`` shifted adds), no chunking. It computes ``kh * W`` scores per
+    query against the tiles' ``(Th + kh - 1) * (Tw + kw - 1) / (Th * Tw)``, so :func:`_torch`
+    takes it only where that is at most ``_ROW_SCORE_RATIO`` times the tiles' scores (narrow
+    grids such as MDiT-B's 32x32 outer level: 224 against 196 keys per query).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, groups, scale):
+        kh = groups[0].mask.shape[-1] // query.shape[2]
+        query, key, value = (_row_addressable(t) for t in (query, key, value))
+        out = query.new_empty(query.shape)
+        lse = []
+        for b in range(query.shape[0]):
+            for g in groups:
+                out_g, lse_g = _cpu_flash_forward(
+                    _halo_view(query, b, g.first_row, g.halos, g.rows),
+                    _halo_view(key, b, g.halo_start, g.halos, kh),
+                    _halo_view(value, b, g.halo_start, g.halos, kh),
+                    0.0,
+                    False,
+                    attn_mask=g.mask,
+                    scale=scale,
+                )
+                _halo_view(out, b, g.first_row, g.halos, g.rows).copy_(out_g)
+                lse.append(lse_g)
+        ctx.save_for_backward(query, key, value, out, *lse)
+        ctx.groups, ctx.scale, ctx.kh = groups, scale, kh
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, out, *lse = ctx.saved_tensors
+        kh = ctx.kh
+        grad_out = _row_addressable(grad_out)
+        grad_q = query.new_empty(query.shape)
+        grad_k = key.new_zeros(key.shape)
+        grad_v = value.new_zeros(value.shape)
+        lse_iter = iter(lse)
+        for b in range(query.shape[0]):
+            for g in ctx.groups:
+                d_q, d_k, d_v = _cpu_flash_backward(
+                    _halo_view(grad_out, b, g.first_row, g.halos, g.rows),
+                    _halo_view(query, b, g.first_row, g.halos, g.rows),
+                    _halo_view(key, b, g.halo_start, g.halos, kh),
+                    _halo_view(value, b, g.halo_start, g.halos, kh),
+                    _halo_view(out, b, g.first_row, g.halos, g.rows),
+                    next(lse_iter),
+                    0.0,
+                    False,
+                    attn_mask=g.mask,
+                    scale=ctx.scale,
+                )
+                _halo_view(grad_q, b, g.first_row, g.halos, g.rows).copy_(d_q)
+                # Halo g's row r is grid row halo_start + g + r: kh shifted, strided adds.
+                d_k, d_v = d_k.unflatten(2, (kh, -1)), d_v.unflatten(2, (kh, -1))
+                for r in range(kh):
+                    _halo_view(grad_k, b, g.halo_start + r, g.halos, 1).add_(d_k[:, :, r])
+                    _halo_view(grad_v, b, g.halo_start + r, g.halos, 1).add_(d_v[:, :, r])
         return grad_q, grad_k, grad_v, None, None
