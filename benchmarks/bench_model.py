@@ -30,6 +30,10 @@ than DiT; the models keep their large temporaries under it (chunked feed-forward
 neighborhood attention). The config line reports ``MALLOC_MMAP_THRESHOLD_`` if the caller set
 it.
 
+faults/step: the process's minor page faults during one timed training step (median): memory
+the allocator took from the OS afresh (glibc trims its heap when a step frees enough at the
+top, and maps large buffers directly), each page zeroed and mapped by the kernel on first touch.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one training step; on CPU each
 model runs one training step in a fresh process (Linux), and the figure is the process's peak
 resident set during the step (``VmHWM``, reset just before it) minus what the built model and
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -260,13 +265,14 @@ def run(args) -> None:
             flops[name] = count_flops(build, args.resolution)
             parameters[name] = sum(p.numel() for p in models[name].parameters())
     batch = inputs(args.batch_size, args.resolution, device)
-    times = {name: {"fwd": [], "train": []} for name in models}
+    times = {name: {"fwd": [], "train": [], "faults": []} for name in models}
 
     def step(name, train):
         model = models[name]
         model.train(train)
         model.zero_grad(set_to_none=True)
         sync(device)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         if train:
             training_step(model, batch, dtype, device)
@@ -274,7 +280,12 @@ def run(args) -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype, enabled=dtype is not None):
                 call(model, *batch)
         sync(device)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if train:
+            times[name]["faults"].append(
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            )
+        return seconds
 
     for name in models:  # warm-up
         step(name, False)
@@ -298,7 +309,8 @@ def run(args) -> None:
     rows = {}
     print(
         f"\n{'model':<14} {'params':>8} {'GFLOPs fwd':>11} {'fwd s/img':>10} {'fwd GFLOP/s':>12} "
-        f"{'fwd+bwd s/img':>14} {'train GFLOP/s':>14} {'% peak':>7} {'step MiB':>9}"
+        f"{'fwd+bwd s/img':>14} {'train GFLOP/s':>14} {'% peak':>7} {'step MiB':>9} "
+        f"{'faults/step':>11}"
     )
     for name in models:
         fwd = statistics.median(times[name]["fwd"]) / args.batch_size
@@ -315,7 +327,8 @@ def run(args) -> None:
             f"{name:<14} {params / 1e6:>7.1f}M {forward_flops / 1e9:>11.2f} {fwd:>10.3f} "
             f"{rows[name]['fwd_rate']:>12.1f} {train:>14.3f} {rows[name]['train_rate']:>14.1f} "
             f"{100 * rows[name]['train_rate'] / peak:>6.0f}% "
-            f"{memory.get(name, float('nan')):>9.0f}"
+            f"{memory.get(name, float('nan')):>9.0f} "
+            f"{statistics.median(times[name]['faults']):>11.0f}"
         )
     print()
     for pair in pairs.values():

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPECTED = {
     "bench_model.py": ["MDiT-B / DiT-B/2", "DiT-B analog / DiT-B/2", "DiffiT-B / DiT-B/2",
-                       "target: MDiT-B training GFLOP/s"],
+                       "target: MDiT-B training GFLOP/s", "faults/step"],
     "bench_scaling.py": ["exponent", "target: MDiT-S NA core"],
     "bench_sampling.py": ["MDiTPipeline (MDiT-S) / DiTPipeline (DiT-S/2)", "target <= 1.3x",
                           "achieved GFLOP/s ratio", "neighborhood attention [torch]"],
