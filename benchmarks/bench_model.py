@@ -43,6 +43,7 @@ its inputs already held: activations, gradients and temporaries, not the weights
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import statistics
@@ -153,6 +154,94 @@ def training_step(model, batch, dtype, device):
         call(model, *batch).float().square().mean().backward()
 
 
+ISOLATION = {
+    "process": "isolation: each model in a process of its own (as a training run is), the "
+    "processes timed in turn",
+    "none": "isolation: none, all models in this process (their allocations share one heap)",
+}
+
+
+def timed_step(model, batch, train: bool, dtype, device) -> tuple[float, int]:
+    """Seconds of one forward (no grad) or training step, and the minor page faults during it."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    sync(device)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    if train:
+        training_step(model, batch, dtype, device)
+    else:
+        with torch.no_grad(), torch.autocast(device.type, dtype, enabled=dtype is not None):
+            call(model, *batch)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def build_for_timing(name: str, args) -> tuple[torch.nn.Module, tuple]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = all_builders(args.diffit_depth)[name]().to(device)
+    torch.manual_seed(1)
+    return model, inputs(args.batch_size, args.resolution, device)
+
+
+class LocalTimer:
+    """Times a model built in this process (``--isolation none``)."""
+
+    def __init__(self, name: str, args):
+        self.model, self.batch = build_for_timing(name, args)
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.dtype, self.device = AUTOCAST[args.autocast], torch.device(args.device)
+
+    def step(self, train: bool) -> tuple[float, int]:
+        return timed_step(self.model, self.batch, train, self.dtype, self.device)
+
+    def close(self) -> None:
+        self.model = self.batch = None
+
+
+def _timer_process(connection, name: str, settings: dict) -> None:
+    """Body of a :class:`ProcessTimer` worker: build the model, then time steps on request."""
+    torch.set_num_threads(settings["threads"])
+    timer = LocalTimer(name, argparse.Namespace(**settings))
+    connection.send(timer.parameters)
+    while (train := connection.recv()) is not None:
+        connection.send(timer.step(train))
+
+
+class ProcessTimer:
+    """Times a model that lives in a worker process of its own (``--isolation process``).
+
+    Models timed in one process share glibc's heap, and each one's allocations shape the
+    other's: measured here (MDiT-B and DiT-B/2, training at batch 2), DiT-B/2 alone faulted in
+    ~100k fresh pages per step and MDiT-B alone ~60k, but side by side in one process DiT-B/2
+    ran on the heap MDiT-B had grown (0 faults) while MDiT-B kept ~30k. A training run has one
+    model per process, so each model gets its own; the parent still interleaves their repeats.
+    """
+
+    def __init__(self, name: str, args):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(
+            target=_timer_process, args=(child, name, vars(args)), daemon=True
+        )
+        self.process.start()
+        self.parameters = self.connection.recv()
+
+    def step(self, train: bool) -> tuple[float, int]:
+        self.connection.send(train)
+        return self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
+def make_timer(name: str, args):
+    return ProcessTimer(name, args) if args.isolation == "process" else LocalTimer(name, args)
+
+
 def step_memory(name: str, args) -> float:
     """Peak memory (MiB) of one training step of model ``name`` (see the module docstring)."""
     device = torch.device(args.device)
@@ -220,6 +309,11 @@ def main():
         "--quick", action="store_true", help="batch 2, 16x16 latents, 1 repeat: a smoke run"
     )
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--isolation", choices=list(ISOLATION), default="process",
+        help="'process': each model timed in a process of its own (default); 'none': all in this "
+        "one, where their allocations shape each other's",
+    )  # fmt: skip
     parser.add_argument("--measure_memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -240,7 +334,6 @@ def main():
 def run(args) -> None:
     """Every model of the chosen pairs at one batch size (``args.batch_size``)."""
     device = torch.device(args.device)
-    dtype = AUTOCAST[args.autocast]
     malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
     print(
         f"config: batch {args.batch_size}, latent 4x{args.resolution}x{args.resolution}, "
@@ -249,6 +342,7 @@ def run(args) -> None:
         f"malloc mmap threshold: {malloc}"
     )
     print(f"machine: {cpu_name()}, load average {load_average()} (1/5/15 min, at start)")
+    print(ISOLATION[args.isolation])
 
     pairs = builders(args.diffit_depth)
     pairs = pairs if args.pair == "all" else {args.pair: pairs[args.pair]}
@@ -257,52 +351,30 @@ def run(args) -> None:
             key: {n: b for i, (n, b) in enumerate(p.items()) if n in args.models or i == len(p) - 1}
             for key, p in pairs.items()
         }
-    torch.manual_seed(0)
-    models, flops, parameters = {}, {}, {}
-    for pair in pairs.values():
-        for name, build in pair.items():
-            models[name] = build().to(device)
-            flops[name] = count_flops(build, args.resolution)
-            parameters[name] = sum(p.numel() for p in models[name].parameters())
-    batch = inputs(args.batch_size, args.resolution, device)
-    times = {name: {"fwd": [], "train": [], "faults": []} for name in models}
+    names = [name for pair in pairs.values() for name in pair]
+    builds = {name: build for pair in pairs.values() for name, build in pair.items()}
+    flops = {name: count_flops(builds[name], args.resolution) for name in names}
+    timers = {name: make_timer(name, args) for name in names}
+    parameters = {name: timer.parameters for name, timer in timers.items()}
+    times = {name: {"fwd": [], "train": [], "faults": []} for name in names}
 
-    def step(name, train):
-        model = models[name]
-        model.train(train)
-        model.zero_grad(set_to_none=True)
-        sync(device)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        if train:
-            training_step(model, batch, dtype, device)
-        else:
-            with torch.no_grad(), torch.autocast(device.type, dtype, enabled=dtype is not None):
-                call(model, *batch)
-        sync(device)
-        seconds = time.perf_counter() - start
-        if train:
-            times[name]["faults"].append(
-                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            )
-        return seconds
-
-    for name in models:  # warm-up
-        step(name, False)
-        step(name, True)
+    for timer in timers.values():  # warm-up
+        timer.step(False)
+        timer.step(True)
     peaks = [matmul_peak(device)]
     for _ in range(args.repeats):
         peaks.append(matmul_peak(device))
-        for name in models:
-            times[name]["fwd"].append(step(name, False))
-            times[name]["train"].append(step(name, True))
+        for name, timer in timers.items():
+            times[name]["fwd"].append(timer.step(False)[0])
+            seconds, faults = timer.step(True)
+            times[name]["train"].append(seconds)
+            times[name]["faults"].append(faults)
+    for timer in timers.values():
+        timer.close()
 
     memory = {}
     if not args.no_memory:
-        del batch
-        for name in list(models):
-            if device.type != "cuda":
-                models[name] = None  # free the timed copy before the child processes run
+        for name in names:
             memory[name] = step_memory(name, args)
     peak = max(peaks)
     print(f"matmul peak (2048^3 fp32, best of {5 * len(peaks)}): {peak:.1f} GFLOP/s")
@@ -312,7 +384,7 @@ def run(args) -> None:
         f"{'fwd+bwd s/img':>14} {'train GFLOP/s':>14} {'% peak':>7} {'step MiB':>9} "
         f"{'faults/step':>11}"
     )
-    for name in models:
+    for name in names:
         fwd = statistics.median(times[name]["fwd"]) / args.batch_size
         train = statistics.median(times[name]["train"]) / args.batch_size
         forward_flops, train_flops = flops[name]

@@ -24,6 +24,7 @@ forward), when NATTEN is installed.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -37,7 +38,7 @@ from diffusers import DDIMScheduler, DiTPipeline
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_attention import natten_importable, sync  # noqa: E402
-from bench_model import TARGET, count_flops, diffusers_dit, load_average  # noqa: E402
+from bench_model import ISOLATION, TARGET, count_flops, diffusers_dit, load_average  # noqa: E402
 
 from diffusers_mdit import MDiTPipeline, MDiTTransformer2DModel  # noqa: E402
 from diffusers_mdit.models.neighborhood_attention import neighborhood_attention  # noqa: E402
@@ -58,20 +59,68 @@ def transformers(quick: bool) -> tuple[Callable, Callable]:
     return lambda: MDiTTransformer2DModel.from_preset("MDiT-B"), lambda: diffusers_dit(768, 12, 12)
 
 
-def pipelines(quick: bool, device) -> dict:
-    vae = tiny_vae()
-    build_mdit, build_dit = transformers(quick)
-    mdit, dit = build_mdit(), build_dit()
-    ours = MDiTPipeline(
-        transformer=mdit.eval(), scheduler=DDIMScheduler(prediction_type="sample"), vae=vae
-    )
-    theirs = DiTPipeline(transformer=dit.eval(), vae=vae, scheduler=DDIMScheduler())
+def pipeline_names(quick: bool) -> list[str]:
     sizes = ("MDiT-S", "DiT-S/2") if quick else ("MDiT-B", "DiT-B/2")
-    out = {f"MDiTPipeline ({sizes[0]})": ours, f"DiTPipeline ({sizes[1]})": theirs}
-    for pipe in out.values():
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-    return out
+    return [f"MDiTPipeline ({sizes[0]})", f"DiTPipeline ({sizes[1]})"]
+
+
+def build_pipeline(index: int, quick: bool, device):
+    """Pipeline ``index`` of :func:`pipeline_names` (0: ours, 1: diffusers' DiT)."""
+    torch.manual_seed(index)
+    vae = tiny_vae()
+    transformer = transformers(quick)[index]().eval()
+    if index == 0:
+        scheduler = DDIMScheduler(prediction_type="sample")
+        pipe = MDiTPipeline(transformer=transformer, scheduler=scheduler, vae=vae)
+    else:
+        pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class LocalSampler:
+    """Samples with a pipeline built in this process (``--isolation none``)."""
+
+    def __init__(self, index: int, quick: bool, device, threads: int):
+        self.pipe, self.device = build_pipeline(index, quick, device), device
+
+    def sample(self, steps: int) -> float:
+        return sample(self.pipe, steps, self.device)
+
+    def close(self) -> None:
+        self.pipe = None
+
+
+def _sampler_process(connection, index: int, quick: bool, device: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    sampler = LocalSampler(index, quick, torch.device(device), threads)
+    connection.send(True)
+    while (steps := connection.recv()) is not None:
+        connection.send(sampler.sample(steps))
+
+
+class ProcessSampler:
+    """A pipeline in a worker process of its own (``--isolation process``, the default): the
+    two pipelines do not share glibc's heap, whose state each one's allocations would shape
+    for the other (see ``bench_model.ProcessTimer``), as in a user's sampling process."""
+
+    def __init__(self, index: int, quick: bool, device, threads: int):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(
+            target=_sampler_process, args=(child, index, quick, str(device), threads), daemon=True
+        )
+        self.process.start()
+        self.connection.recv()
+
+    def sample(self, steps: int) -> float:
+        self.connection.send(steps)
+        return self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
 
 
 def sample(pipe, steps: int, device) -> float:
@@ -109,6 +158,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small models, 2 steps, 1 repeat")
+    parser.add_argument(
+        "--isolation", choices=list(ISOLATION), default="process",
+        help="'process': each pipeline timed in a process of its own (default); 'none': both in "
+        "this one",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 2, 1
@@ -122,14 +176,20 @@ def main(argv=None) -> dict:
         f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'glibc default')}"
     )
     print(f"machine: {cpu_name()}, load average {load_average()} (1/5/15 min, at start)")
-    torch.manual_seed(0)
-    pipes = pipelines(args.quick, device)
-    for pipe in pipes.values():  # warm-up
-        sample(pipe, 1, device)
-    times = {name: [] for name in pipes}
+    print(ISOLATION[args.isolation])
+    kind = ProcessSampler if args.isolation == "process" else LocalSampler
+    samplers = {
+        name: kind(index, args.quick, device, args.threads)
+        for index, name in enumerate(pipeline_names(args.quick))
+    }
+    for sampler in samplers.values():  # warm-up
+        sampler.sample(1)
+    times = {name: [] for name in samplers}
     for _ in range(args.repeats):
-        for name, pipe in pipes.items():
-            times[name].append(sample(pipe, args.steps, device))
+        for name, sampler in samplers.items():
+            times[name].append(sampler.sample(args.steps))
+    for sampler in samplers.values():
+        sampler.close()
     seconds = {name: statistics.median(t) for name, t in times.items()}
     for name, value in seconds.items():
         print(f"{name:<24} {value:>8.2f} s   {value / args.steps * 1e3:>8.1f} ms/step")
