@@ -228,6 +228,19 @@ def test_row_halos_read_strided_layouts_and_copy_others(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_row_halos_on_a_one_column_grid_with_an_odd_stride(monkeypatch):
+    # A size-1 dimension may carry any stride and still count as contiguous: the row path must
+    # not read tokens with it.
+    force_path("rows", monkeypatch)
+    inputs = [
+        t.as_strided(t.shape, (t.stride(0), t.stride(1), 12345, t.stride(3), 1))
+        for t in qkv(2, 20, 1, 2, 8)
+    ]
+    assert inputs[0].is_contiguous() and inputs[0].stride(2) == 12345
+    got = neighborhood_attention(*inputs, 5, backend="torch")
+    torch.testing.assert_close(got, neighborhood_attention(*inputs, 5, backend="reference"))
+
+
 def test_row_halos_chosen_for_narrow_grids_only():
     # MDiT-B's outer level (32x32, k=7) takes row halos; a 64x64 grid (448 keys per query
     # against the tiles' 196) keeps the tiles.

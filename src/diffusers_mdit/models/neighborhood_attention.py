@@ -773,11 +773,12 @@ def _halo_view(t: torch.Tensor, b: int, row0: int, halos: int, rows: int) -> tor
 def _row_addressable(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when a run of whole grid rows is one evenly strided run of tokens (the
     channels-last layout, and slices of it such as q/k/v chunks of a fused projection), else a
-    contiguous copy."""
+    copy with standard strides (``contiguous()`` would keep the arbitrary stride PyTorch allows
+    on a size-1 dimension, which :func:`_halo_view` reads)."""
     stride = t.stride()
     if stride[-1] == 1 and stride[1] == t.shape[2] * stride[2]:
         return t
-    return t.contiguous()
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class _FusedRowAttention(torch.autograd.Function):
