@@ -161,6 +161,22 @@ def test_every_adapted_module_changes_the_output(group):
             model.get_submodule(name).lora_B["default"].weight.zero_()
 
 
+def test_adapted_feed_forwards_run_their_lora_layers_when_chunked(monkeypatch):
+    """On CPU large inputs take the chunked feed-forward; with adapted projections it must fall
+    back to the modules' own forwards, so every LoRA layer still acts."""
+    from diffusers_mdit.models.layers import GeGLUFeedForward
+
+    monkeypatch.setattr(GeGLUFeedForward, "chunk_bytes", 1)  # every feed-forward is chunked
+    model = tiny_mdit(num_classes=3)
+    base = predict(model)
+    model.add_adapter(lora_config(rank=2, target_modules="feed_forward"))
+    for name in sorted(adapted_modules(model)):
+        perturb_lora_b(model, only=name, std=1.0)
+        assert (predict(model) - base).abs().max() > 1e-5, name
+        with torch.no_grad():
+            model.get_submodule(name).lora_B["default"].weight.zero_()
+
+
 # -- pipelines: save, load, fuse --------------------------------------------------------------
 
 

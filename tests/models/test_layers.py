@@ -10,6 +10,7 @@ from diffusers.models.normalization import RMSNorm
 from diffusers_mdit.models.layers import (
     FusedGEGLU,
     FusedRMSNorm,
+    _ChunkedGeGLUFunction,
     _RMSNormFunction,
     geglu_feed_forward,
     rms_norm,
@@ -48,6 +49,66 @@ def test_feed_forward_keeps_diffusers_state_dict_keys():
     ff = geglu_feed_forward(64, 8 / 3)
     assert set(ff.state_dict()) == {"net.0.proj.weight", "net.2.weight"}
     assert ff.net[0].proj.weight.shape == (2 * 192, 64)
+
+
+def _chunked_feed_forward(dim=32, tokens_per_chunk=4):
+    torch.manual_seed(0)
+    ff = geglu_feed_forward(dim, 8 / 3).double()
+    for p in ff.parameters():
+        torch.nn.init.normal_(p, std=0.2)  # the output projection is zero-initialised in models
+    hidden = ff.net[0].proj.out_features
+    ff.chunk_bytes = tokens_per_chunk * hidden * 8  # float64: chunks of `tokens_per_chunk`
+    return ff
+
+
+def test_chunked_feed_forward_passes_gradcheck():
+    ff = _chunked_feed_forward(dim=8)
+    x = torch.randn(11, 8, dtype=torch.double, requires_grad=True)  # 3 chunks, the last short
+    w_in = ff.net[0].proj.weight.detach().requires_grad_()
+    w_out = ff.net[-1].weight.detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: _ChunkedGeGLUFunction.apply(a, b, c, 4), (x, w_in, w_out)
+    )
+
+
+def test_chunked_feed_forward_matches_the_module_path_and_is_taken_on_cpu(monkeypatch):
+    ff = _chunked_feed_forward()
+    x = torch.randn(2, 3, 5, 32, dtype=torch.double, requires_grad=True)  # 30 tokens
+    grad = torch.randn(2, 3, 5, 32, dtype=torch.double)
+    calls = []
+    apply = _ChunkedGeGLUFunction.apply
+    monkeypatch.setattr(_ChunkedGeGLUFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(type(ff), "_fusable", lambda self, h, fused=fused: fused)
+        x.grad = None
+        ff.zero_grad()
+        out = ff(x)
+        out.backward(grad)
+        results.append((out, x.grad, *(p.grad for p in ff.parameters())))
+    assert calls == [1]
+    for fused, module in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fused, module, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # inference keeps nothing for backward but gives the same output
+        torch.testing.assert_close(ff(x), results[0][0])
+
+
+def test_chunked_feed_forward_is_skipped_for_lora_hooks_and_autocast():
+    ff = _chunked_feed_forward().float()
+    x = torch.randn(30, 32)
+    assert ff._fusable(x)
+    assert not ff._fusable(x.double())  # dtype differs from the weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ff._fusable(x)
+    handle = ff.net[-1].register_forward_hook(lambda *args: None)
+    assert not ff._fusable(x)
+    handle.remove()
+    ff.train()
+    ff.net[1].p = 0.1
+    assert not ff._fusable(x)  # dropout must run in training
+    ff.eval()
+    assert ff._fusable(x)
 
 
 @pytest.mark.parametrize("scale_shape", [None, (5,), (2, 1, 1, 5)])

@@ -30,7 +30,9 @@ from diffusers.models.attention_dispatch import (
 )
 from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from .layers import plain_linears
 from .neighborhood_attention import neighborhood_attention
 from .rope import PartialAxialRoPE
 
@@ -38,28 +40,56 @@ logger = logging.get_logger(__name__)
 
 
 def _stacked_weight(*linears: nn.Module) -> torch.Tensor | None:
-    """The weights of bias-free plain ``nn.Linear`` layers stacked into one, so their common
-    input is projected by one matmul (``fuse_projections`` without changing the modules), or
-    None when any layer is wrapped (PEFT LoRA, quantised, hooked: its own forward must run).
+    """The weights of plain linears (:func:`.layers.plain_linears`) stacked into one, so their
+    common input is projected by one matmul (``fuse_projections`` without changing the
+    modules), or None when any layer is wrapped.
 
     One 384 -> 1152 matmul instead of three 384 -> 384 ones has more columns to block over, and
     its backward computes the input gradient in one matmul instead of three plus two sums. The
     stacking copies the weights on every call, so :meth:`GridSelfAttention.project` uses it only
-    for inputs of at least twice as many tokens as channels. Measured side by side on 2 CPU
-    threads (under load), forward+backward at batch 8: MDiT-B's outer attention 0.73x and core
-    attention 0.84x the time, the aggregate block (3072 channels, 512 tokens) 1.00x; stacking
-    every layer at any size made MDiT-B's batch-2 training step 1.06x slower.
+    for inputs of at least twice as many tokens as channels, and only off the CPU or under
+    autocast (on the CPU :class:`_QKVProjection` does better).
     """
-    for linear in linears:
-        if (
-            type(linear) is not nn.Linear
-            or linear.bias is not None
-            or linear._forward_hooks
-            or linear._forward_pre_hooks
-            or "forward" in vars(linear)  # diffusers' hooks (layerwise casting, offloading)
-        ):
-            return None
+    if not plain_linears(*linears):
+        return None
     return torch.cat([linear.weight for linear in linears])
+
+
+class _QKVProjection(torch.autograd.Function):
+    """``x W_q^T, x W_k^T, x W_v^T`` as three separate tensors, for the CPU.
+
+    Versus one stacked matmul (:func:`_stacked_weight`): no copy of the weights per call, and no
+    output of three times the width, whose gradient autograd assembles with a ``cat`` in
+    backward. At MDiT-B's outer level at batch 8 those are 36 MiB buffers, over glibc's largest
+    mmap threshold (32 MiB), so each was mapped afresh and page-faulted in on every use. The
+    input gradient is accumulated with ``addmm_`` (no sums of three temporaries).
+    """
+
+    @staticmethod
+    def forward(ctx, x, *weights):
+        ctx.save_for_backward(x, *weights)
+        return tuple(torch.mm(x, w.t()) for w in weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            for grad, weight in zip(grads, weights, strict=True):
+                if grad is None:
+                    continue
+                if grad_x is None:
+                    grad_x = torch.mm(grad, weight)
+                else:
+                    grad_x.addmm_(grad, weight)
+            if grad_x is None:
+                grad_x = torch.zeros_like(x)
+        grad_weights = [
+            None if grad is None or not needed else torch.mm(grad.t(), x)
+            for grad, needed in zip(grads, ctx.needs_input_grad[1:], strict=True)
+        ]
+        return grad_x, *grad_weights
 
 
 def _head_norm(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +201,15 @@ class GridSelfAttention(nn.Module, AttentionModuleMixin):
         heads = (self.num_heads, self.head_dim)
         if self.fused_projections:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        elif (
+            x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")
+            and x.dtype == self.to_q.weight.dtype
+            and plain_linears(self.to_q, self.to_k, self.to_v)
+        ):
+            flat = x.reshape(-1, x.shape[-1])
+            weights = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+            q, k, v = (t.view(*x.shape[:-1], -1) for t in _QKVProjection.apply(flat, *weights))
         elif (
             x.numel() >= 2 * x.shape[-1] ** 2
             and (weight := _stacked_weight(self.to_q, self.to_k, self.to_v)) is not None
