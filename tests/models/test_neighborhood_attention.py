@@ -115,11 +115,14 @@ def force_path(path: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Backend name for ``path``, patching the module so that the torch backend takes it."""
     if path == "reference":
         return "reference"
-    if path in ("tiled", "tiled_small_chunks", "tiled_autograd", "rows"):
+    rows = path.startswith("rows")
+    if path in ("tiled", "tiled_small_chunks", "tiled_autograd") or rows:
         monkeypatch.setattr(na, "_DENSE_MAX_TOKENS", 0)
         monkeypatch.setattr(na, "_DENSE_MAX_MASK", 0)
     # "rows": whole-row halos wherever the fused path runs; the tiled paths: never.
-    monkeypatch.setattr(na, "_ROW_SCORE_RATIO", float("inf") if path == "rows" else 0.0)
+    monkeypatch.setattr(na, "_ROW_SCORE_RATIO", float("inf") if rows else 0.0)
+    if rows and path != "rows":  # "rows_backward_N": N interior query rows per backward halo
+        monkeypatch.setattr(na, "_BACKWARD_ROWS", int(path.rsplit("_", 1)[1]))
     if path == "tiled_small_chunks":
         monkeypatch.setattr(na, "_CHUNK_BYTES", 1)  # one tile row of one image per chunk
     if path == "tiled_autograd":
@@ -140,7 +143,18 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["dense", "tiled", "tiled_small_chunks", "tiled_autograd", "rows"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "dense",
+        "tiled",
+        "tiled_small_chunks",
+        "tiled_autograd",
+        "rows",
+        "rows_backward_1",
+        "rows_backward_3",
+    ],
+)
 @pytest.mark.parametrize("b, h, w, heads, d, kernel", SHAPES)
 def test_torch_matches_reference(path, b, h, w, heads, d, kernel, monkeypatch):
     backend = force_path(path, monkeypatch)
@@ -153,7 +167,8 @@ def test_torch_matches_reference(path, b, h, w, heads, d, kernel, monkeypatch):
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
         if name == "torch" and na.normalize_kernel_size(kernel, h, w) != (h, w):
             kind = type(out.grad_fn).__name__
-            expected = {"tiled": "Tiled", "tiled_small_chunks": "Tiled", "rows": "Row"}
+            expected = {"tiled": "Tiled", "tiled_small_chunks": "Tiled"}
+            expected.update(dict.fromkeys(("rows", "rows_backward_1", "rows_backward_3"), "Row"))
             assert (f"Fused{expected[path]}" in kind) if path in expected else "Fused" not in kind
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -175,10 +190,10 @@ def test_batch_split_into_several_chunks(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["tiled", "tiled_small_chunks", "rows"])
+@pytest.mark.parametrize("path", ["tiled", "tiled_small_chunks", "rows", "rows_backward_3"])
 def test_fused_tiled_gradcheck(path, monkeypatch):
     force_path(path, monkeypatch)
-    q, k, v = (t.requires_grad_() for t in qkv(1, 6, 5, 1, 3, dtype=torch.float64))
+    q, k, v = (t.requires_grad_() for t in qkv(2, 9, 5, 1, 3, dtype=torch.float64))
     assert torch.autograd.gradcheck(
         lambda q, k, v: neighborhood_attention(q, k, v, 3, backend="torch"), (q, k, v)
     )
@@ -239,6 +254,23 @@ def test_row_halos_on_a_one_column_grid_with_an_odd_stride(monkeypatch):
     assert inputs[0].is_contiguous() and inputs[0].stride(2) == 12345
     got = neighborhood_attention(*inputs, 5, backend="torch")
     torch.testing.assert_close(got, neighborhood_attention(*inputs, 5, backend="reference"))
+
+
+def test_row_groups_cover_every_query_row_once_with_its_window_rows():
+    # 32 rows, k=7: rows 0-3 share the first window, 4 rows the last; 24 interior rows in halos
+    # of 2 (or 3, or 5 with a remainder of 4 one-row halos).
+    for rows_per_halo in (1, 2, 3, 5):
+        groups = na._row_groups(32, 8, 7, 7, torch.float32, torch.device("cpu"), rows_per_halo)
+        covered = []
+        for g in groups:
+            for h in range(g.halos):
+                first = g.first_row + h * g.rows
+                for r in range(first, first + g.rows):
+                    start = min(max(r - 3, 0), 32 - 7)
+                    halo = g.halo_start + h * g.rows
+                    assert halo <= start and start + 7 <= halo + g.halo_rows
+                    covered.append(r)
+        assert covered == list(range(32)), rows_per_halo
 
 
 def test_row_halos_chosen_for_narrow_grids_only():
