@@ -57,6 +57,8 @@ which are contiguous in memory, so each query row attends to its ``kh * W`` halo
 strided view, masked to its column windows (:class:`_FusedRowAttention`): no gathers and no
 scatter-adds, for ``kh * W`` scores per query (224 on a 32x32 grid with k=7, against the 8x8
 tiles' 196). It is taken where that is at most ``_ROW_SCORE_RATIO`` times the tiles' scores.
+Its backward groups three interior query rows per halo (``_BACKWARD_ROWS``), as ATen's CPU flash
+backward is slow on 32-query blocks.
 
 Small grids (<= 256 tokens, or where the tiles would compute at least half of all token pairs,
 e.g. 16 x 16 with k=7) skip the tiling: one attention over all tokens with an additive
