@@ -68,6 +68,7 @@ class _QKVProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *weights):
         ctx.save_for_backward(x, *weights)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no matmuls
         return tuple(torch.mm(x, w.t()) for w in weights)
 
     @staticmethod
@@ -83,8 +84,6 @@ class _QKVProjection(torch.autograd.Function):
                     grad_x = torch.mm(grad, weight)
                 else:
                     grad_x.addmm_(grad, weight)
-            if grad_x is None:
-                grad_x = torch.zeros_like(x)
         grad_weights = [
             None if grad is None or not needed else torch.mm(grad.t(), x)
             for grad, needed in zip(grads, ctx.needs_input_grad[1:], strict=True)
