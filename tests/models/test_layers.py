@@ -94,6 +94,27 @@ def test_chunked_feed_forward_matches_the_module_path_and_is_taken_on_cpu(monkey
         torch.testing.assert_close(ff(x), results[0][0])
 
 
+@pytest.mark.parametrize("tokens", [30, 3])  # 8 chunks of 4 (the last short); one chunk
+def test_feed_forward_inference_skips_autograd_and_matches(tokens, monkeypatch):
+    # Without gradients the fused path runs the chunks directly (gate activated in place, no
+    # autograd context keeping every chunk's projection), also below the chunking threshold.
+    ff = _chunked_feed_forward()
+    x = torch.randn(tokens, 32, dtype=torch.double)
+    module = ff.net[2](ff.net[1](ff.net[0](x)))  # diffusers' FeedForward, layer by layer
+    calls = []
+    apply = _ChunkedGeGLUFunction.apply
+    monkeypatch.setattr(_ChunkedGeGLUFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x), module, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        torch.testing.assert_close(ff(x), module, rtol=1e-12, atol=1e-12)
+    assert calls == []
+    for p in ff.parameters():  # frozen weights, input without grad: nothing to differentiate
+        p.requires_grad_(False)
+    torch.testing.assert_close(ff(x), module, rtol=1e-12, atol=1e-12)
+    assert calls == []
+
+
 def test_chunked_feed_forward_is_skipped_for_lora_hooks_and_autocast():
     ff = _chunked_feed_forward().float()
     x = torch.randn(30, 32)

@@ -90,15 +90,28 @@ def plain_linears(*linears: nn.Module) -> bool:
 def _geglu_chunk(x, w_in, w_out, out, hidden, save: list | None):
     """``out = (value * gelu(gate)) @ w_out.T`` of ``[value, gate] = (x @ w_in.T).chunk(2)``
     for one chunk of tokens, the product written into the reused ``hidden`` buffer. ``save``
-    collects what backward needs (the projection and the activated gate)."""
+    collects what backward needs (the projection and the activated gate); without it (no
+    gradients wanted) the gate is activated in place, one fresh buffer fewer per chunk."""
     projected = torch.mm(x, w_in.t())
     value, gate = projected.chunk(2, dim=-1)
-    activated = F.gelu(gate)
+    activated = F.gelu(gate) if save is not None else torch.ops.aten.gelu_(gate)
     h = hidden[: x.shape[0]]
     torch.mul(value, activated, out=h)
     torch.mm(h, w_out.t(), out=out)
     if save is not None:
         save += [projected, activated]
+
+
+def _chunked_geglu(x, w_in, w_out, chunk: int, save: list | None) -> torch.Tensor:
+    """The chunked GeGLU feed-forward of ``(tokens, dim)`` rows ``x`` (see
+    :class:`_ChunkedGeGLUFunction`); ``save`` as in :func:`_geglu_chunk`."""
+    tokens = x.shape[0]
+    out = x.new_empty(tokens, w_out.shape[0])
+    hidden = x.new_empty(min(chunk, tokens), w_out.shape[1])
+    for start in range(0, tokens, chunk):
+        rows = slice(start, start + chunk)
+        _geglu_chunk(x[rows], w_in, w_out, out[rows], hidden, save)
+    return out
 
 
 class _ChunkedGeGLUFunction(torch.autograd.Function):
@@ -112,13 +125,8 @@ class _ChunkedGeGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, w_out, chunk):
-        tokens = x.shape[0]
-        out = x.new_empty(tokens, w_out.shape[0])
-        hidden = x.new_empty(min(chunk, tokens), w_out.shape[1])
         save = [] if any(ctx.needs_input_grad) else None
-        for start in range(0, tokens, chunk):
-            rows = slice(start, start + chunk)
-            _geglu_chunk(x[rows], w_in, w_out, out[rows], hidden, save)
+        out = _chunked_geglu(x, w_in, w_out, chunk, save)
         ctx.chunk = chunk
         ctx.save_for_backward(x, w_in, w_out, *(save or ()))
         return out
@@ -165,8 +173,11 @@ class GeGLUFeedForward(FeedForward):
     (8 x 32 x 32 tokens of width 384, hidden 1024) forward+backward: 378 ms in chunks of 2048
     tokens vs 435 ms unchunked. Where both linears are plain (no LoRA, hooks or quantisation),
     no dropout and no autocast, the chunks run in :class:`_ChunkedGeGLUFunction`, which writes
-    them into one output and keeps a quarter less for backward. Other devices have caching
-    allocators and run unchunked.
+    them into one output and keeps a quarter less for backward. Without gradients (sampling)
+    they skip the autograd function at any size and activate the gate in place: measured side
+    by side in one process on 2 threads (Intel Xeon, AVX-512), MDiT-B's forward at batch 8
+    took 0.95-0.97x the time with half the page faults, at batch 2 0.99-1.02x (noise). Other
+    devices have caching allocators and run unchunked.
     """
 
     chunk_bytes = 16 << 20
@@ -196,12 +207,19 @@ class GeGLUFeedForward(FeedForward):
         hidden = self.net[0].proj.out_features
         per_token = hidden * hidden_states.element_size()
         tokens = hidden_states.numel() // hidden_states.shape[-1]
-        if hidden_states.device.type != "cpu" or tokens * per_token <= self.chunk_bytes:
-            return super().forward(hidden_states)
+        on_cpu = hidden_states.device.type == "cpu"
         chunk = max(1, self.chunk_bytes // per_token)
         flat = hidden_states.reshape(tokens, hidden_states.shape[-1])
-        if self._fusable(hidden_states):
-            w_in, w_out = self.net[0].proj.weight, self.net[-1].weight
+        w_in, w_out = self.net[0].proj.weight, self.net[-1].weight
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (flat, w_in, w_out))
+        if on_cpu and not grads and tokens and self._fusable(hidden_states):
+            # Inference, at any size: no autograd function, whose context would keep every
+            # chunk's projection alive (under no_grad it still sees weights that require grad),
+            # and the gate activated in place.
+            out = _chunked_geglu(flat, w_in, w_out, chunk, save=None)
+        elif not on_cpu or tokens * per_token <= self.chunk_bytes:
+            return super().forward(hidden_states)
+        elif self._fusable(hidden_states):
             out = _ChunkedGeGLUFunction.apply(flat, w_in, w_out, chunk)
         else:
             chunks = flat.split(chunk)
