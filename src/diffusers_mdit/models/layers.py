@@ -176,7 +176,7 @@ class GeGLUFeedForward(FeedForward):
     them into one output and keeps a quarter less for backward. Without gradients (sampling)
     they skip the autograd function at any size and activate the gate in place: measured side
     by side in one process on 2 threads (Intel Xeon, AVX-512), MDiT-B's forward at batch 8
-    took 0.95-0.97x the time with half the page faults, at batch 2 0.99-1.02x (noise). Other
+    took 0.95x the time with half the page faults, at batch 2 1.02x (noise). Other
     devices have caching allocators and run unchunked.
     """
 
