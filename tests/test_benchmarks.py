@@ -20,6 +20,7 @@ EXPECTED = {
     "bench_attention.py": ["glob/ours"],
     "bench_data.py": ["samples/s consumed", "loader processes in all"],
     "bench_diffit_official.py": ["s per 250-step sample", "peak RSS"],
+    "bench_heap.py": ["minor faults", "after backward"],
 }  # fmt: skip
 
 
@@ -60,3 +61,13 @@ def test_gpu_benchmark_runs_on_cpu_quick():
     assert result.returncode == 0, result.stderr[-2000:]
     for line in ("MDiT-S / DiT-S/2 (eager)", "neighborhood attention", "sampling latency"):
         assert line in result.stdout, (line, result.stdout[-2000:])
+
+
+@pytest.mark.slow
+def test_heap_benchmark_trace_names_the_lines():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_heap.py"), "--quick", "--trace"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "heap shrinks during steps 1+" in result.stdout, result.stdout[-2000:]
