@@ -47,7 +47,7 @@ def _sbrk():
 
 
 class HeapTracer:
-    """Attributes heap shrinks (and growth) to the Python line running when ``sbrk(0)`` moved."""
+    """Attributes heap shrinks (and growth) to the first Python event after ``sbrk(0)`` moved."""
 
     def __init__(self, heap_top):
         self.heap_top, self.last = heap_top, heap_top()
