@@ -96,7 +96,7 @@ def test_chunked_feed_forward_matches_the_module_path_and_is_taken_on_cpu(monkey
 
 @pytest.mark.parametrize("tokens", [30, 3])  # 8 chunks of 4 (the last short); one chunk
 def test_feed_forward_inference_skips_autograd_and_matches(tokens, monkeypatch):
-    # Without gradients the fused path runs the chunks directly (gate activated in place, no
+    # Without gradients the fused path runs the chunks directly (one hidden-size buffer, no
     # autograd context keeping every chunk's projection), also below the chunking threshold.
     ff = _chunked_feed_forward()
     x = torch.randn(tokens, 32, dtype=torch.double)
@@ -113,6 +113,20 @@ def test_feed_forward_inference_skips_autograd_and_matches(tokens, monkeypatch):
         p.requires_grad_(False)
     torch.testing.assert_close(ff(x), module, rtol=1e-12, atol=1e-12)
     assert calls == []
+
+
+def test_chunked_feed_forward_keeps_only_the_projections():
+    # Backward recomputes the activation from each chunk's projection: nothing else of hidden
+    # size is saved (the activated gate was, before).
+    x = torch.randn(10, 32, dtype=torch.double, requires_grad=True)
+    w_in = torch.randn(48, 32, dtype=torch.double, requires_grad=True)
+    w_out = torch.randn(32, 24, dtype=torch.double, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        _ChunkedGeGLUFunction.apply(x, w_in, w_out, 4)
+    assert saved == [x.shape, w_in.shape, w_out.shape, (4, 48), (4, 48), (2, 48)]
 
 
 def test_chunked_feed_forward_is_skipped_for_lora_hooks_and_autocast():
