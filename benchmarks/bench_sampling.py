@@ -27,23 +27,19 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 
 import torch
+from bench_attention import natten_importable, sync
+from bench_model import ISOLATION, TARGET, count_flops, diffusers_dit, load_average
 from diffusers import DDIMScheduler, DiTPipeline
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_attention import natten_importable, sync  # noqa: E402
-from bench_model import ISOLATION, TARGET, count_flops, diffusers_dit, load_average  # noqa: E402
-
-from diffusers_mdit import MDiTPipeline, MDiTTransformer2DModel  # noqa: E402
-from diffusers_mdit.models.neighborhood_attention import neighborhood_attention  # noqa: E402
-from diffusers_mdit.profiling import cpu_name  # noqa: E402
-from diffusers_mdit.testing import tiny_vae  # noqa: E402
+from diffusers_mdit import MDiTPipeline, MDiTTransformer2DModel
+from diffusers_mdit.models.neighborhood_attention import neighborhood_attention
+from diffusers_mdit.profiling import cpu_name
+from diffusers_mdit.testing import tiny_vae
 
 
 def transformers(quick: bool) -> tuple[Callable, Callable]:
