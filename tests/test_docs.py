@@ -149,6 +149,7 @@ def parser_of(kind: str, name: str) -> argparse.ArgumentParser:
             if kind == "script":
                 path = ROOT / name
                 assert path.is_file(), f"documented script {name} does not exist"
+                sys.path.insert(0, str(path.parent))  # as `python path/to/script.py` does
                 runpy.run_path(str(path), run_name="__main__")
             elif kind == "module":
                 runpy.run_module(name, run_name="__main__", alter_sys=True)
