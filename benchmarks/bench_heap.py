@@ -47,23 +47,20 @@ def _sbrk():
 
 
 class HeapTracer:
-    """Attributes heap shrinks (and growth) to the first Python event after ``sbrk(0)`` moved."""
+    """Attributes heap shrinks to the first Python event after ``sbrk(0)`` went down."""
 
     def __init__(self, heap_top):
         self.heap_top, self.last = heap_top, heap_top()
-        self.shrinks, self.shrunk, self.grown = (collections.Counter() for _ in range(3))
+        self.shrinks, self.shrunk = collections.Counter(), collections.Counter()
 
     def __call__(self, frame, event, arg):
         top = self.heap_top()
-        if top != self.last:
+        if top < self.last:
             code = frame.f_code
             where = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"
-            if top < self.last:
-                self.shrinks[where] += 1
-                self.shrunk[where] += self.last - top
-            else:
-                self.grown[where] += top - self.last
-            self.last = top
+            self.shrinks[where] += 1
+            self.shrunk[where] += self.last - top
+        self.last = top
 
 
 def main():
@@ -110,10 +107,10 @@ def main():
             for name, parameter in model.named_parameters():
                 before = heap_top()
                 parameter.grad = None
-                if heap_top() < before:
+                if (after := heap_top()) < before:
                     print(
                         f"  before step {step}: freeing the gradient of {name} "
-                        f"{tuple(parameter.shape)} trimmed {(before - heap_top()) / 2**20:.1f} MiB"
+                        f"{tuple(parameter.shape)} trimmed {(before - after) / 2**20:.1f} MiB"
                     )
         else:
             model.zero_grad(set_to_none=not args.keep_grads)
